@@ -1,0 +1,1 @@
+"""Integrations: HF Trainer subclasses, the fused-loss hook for stock trainers, PEFT helpers."""
