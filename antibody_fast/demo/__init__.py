@@ -1,1 +1,84 @@
-"""Embedded CPU demo: the whole defense end to end on a tiny Llama and a synthetic instruction language."""
+"""Embedded CPU demo: the whole defense end to end on a tiny Llama and a synthetic instruction language.
+
+``antibody-fast demo [options]`` or ``python -m antibody_fast.demo [options]``: no GPU, no download. Trains a
+tiny Llama from scratch on a synthetic token-id language (stage 0), aligns it with SFT, Vaccine, Booster and
+Antibody (stage 1), fine-tunes it on a user set with harmful samples with SFT, Lisa or Antibody's
+``weighted_step`` (stage 2), and reports the harmful score (HS) and fine-tune accuracy (FA) of every method
+with its time per step: a Markdown table, a JSON report and PNG plots. See :mod:`antibody_fast.demo.run`.
+
+Importing this package is cheap; the demo's dependencies (transformers, matplotlib, tqdm) load when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+
+def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
+    from .run import ALL_METHODS, DemoConfig
+
+    d = DemoConfig()
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Antibody vs SFT, Vaccine, Lisa and Booster on a tiny Llama trained from scratch (CPU, "
+        "no download). Writes report.md, report.json, weights.png and hs_fa.png into --out.",
+    )
+    p.add_argument("--harmful-ratio", type=float, default=d.harmful_ratio, help="fraction of harmful samples in "
+                   f"the user's fine-tuning set, in [0, 1] (default {d.harmful_ratio})")  # fmt: skip
+    p.add_argument("--samples", type=int, default=None, help=f"size of the user's fine-tuning set (default {d.samples})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--methods", type=str, default=",".join(ALL_METHODS),
+                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per method (default {d.steps})")
+    p.add_argument("--align-steps", type=int, default=None, help=f"alignment steps per method (default {d.align_steps})")
+    p.add_argument("--base-steps", type=int, default=None, help=f"base-training steps (default {d.base_steps})")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"torch CPU threads, fixed for reproducibility "
+                   f"(default {d.threads})")  # fmt: skip
+    p.add_argument("--out", type=str, default=d.out, help=f"output directory (default ./{d.out})")
+    p.add_argument("--quick", action="store_true", help="tiny seconds-scale run for tests (numbers not meaningful)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """A validated :class:`~antibody_fast.demo.run.DemoConfig` from parsed arguments (raises ``ValueError``)."""
+    from .run import DemoConfig
+
+    methods = tuple(m.strip().lower() for m in args.methods.split(",") if m.strip())
+    kw = dict(
+        seed=args.seed,
+        harmful_ratio=args.harmful_ratio,
+        methods=methods,
+        threads=args.threads,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    for name in ("samples", "steps", "align_steps", "base_steps"):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``antibody-fast demo`` / ``python -m antibody_fast.demo``. Returns the exit status:
+    0 on success, 2 for bad options (with a message on stderr)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a malformed option (2)
+        return int(e.code or 0)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    from .run import run
+
+    run(cfg)
+    return 0

@@ -1,1 +1,38 @@
-"""Integrations: HF Trainer subclasses, the fused-loss hook for stock trainers, PEFT helpers."""
+"""Integrations: HF Trainer subclasses, the fused-loss hook for stock trainers, PEFT helpers.
+
+Names load lazily: importing ``antibody_fast.integrations`` imports neither transformers nor peft.
+
+* :func:`use_fused_loss` / :func:`remove_fused_loss` (:mod:`.fused_loss`): a stock HF ``Trainer`` or TRL
+  ``SFTTrainer`` computes its causal-LM loss with the fused linear log-likelihood (no logits).
+* :class:`AntibodyAlignmentTrainer`, :class:`AntibodyFinetuneTrainer` (:mod:`.hf`): ``transformers.Trainer``
+  subclasses whose update is :func:`antibody_fast.align_step` / :func:`antibody_fast.weighted_step`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "use_fused_loss": "antibody_fast.integrations.fused_loss",
+    "remove_fused_loss": "antibody_fast.integrations.fused_loss",
+    "fused_causal_lm_loss": "antibody_fast.integrations.fused_loss",
+    "FusedLossHandle": "antibody_fast.integrations.fused_loss",
+    "AntibodyAlignmentTrainer": "antibody_fast.integrations.hf",
+    "AntibodyFinetuneTrainer": "antibody_fast.integrations.hf",
+    "AntibodyTrainingArguments": "antibody_fast.integrations.hf",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'antibody_fast.integrations' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

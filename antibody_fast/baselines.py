@@ -1,0 +1,498 @@
+"""Baseline defenses in the same lean loop: Vaccine (alignment stage) and Lisa (fine-tuning stage).
+
+DESIGN.md §2.3. Both optimise the same token-mean cross-entropy as :func:`antibody_fast.sft_step` (the fused
+linear log-likelihood over answer rows, logits never materialised) so that their cost and results compare
+fairly with SFT, Booster and Antibody. Each has a naive reference (HF's own loss, explicit Python loops) that the
+tests hold them equal to.
+
+* **Vaccine** (Huang et al. 2024): pass 1 records ``g_l = dL/d(output of attention block l)`` for every layer;
+  the outputs are perturbed by ``e_l = rho * g_l / (||g||_global + 1e-7)`` (global L2 norm over all layers'
+  gradients); pass 2, with the perturbation added, gives the gradient of the update. Pass 1 asks autograd for
+  the attention-output gradients only, so it computes no parameter gradients.
+* **Lisa** (Huang et al. 2024): bi-state optimisation. ``K_a`` steps on alignment data then ``K_f`` steps on
+  user data, repeated; every step adds the proximal term ``rho_L / 2 * ||theta - theta_anchor||^2`` where the
+  anchor is the trainable parameters at the last switch of state. The caller asks :meth:`LisaState.phase`
+  which data the next step needs.
+
+All steps take every ``requires_grad`` parameter of the model as the trainable set, clip the global gradient norm
+to ``max_grad_norm`` (torch's ``clip_grad_norm_`` formula ``min(1, max / (norm + 1e-6))``), then call
+``optimizer.step()``, ``scheduler.step()`` when given, and ``optimizer.zero_grad()``. Returned statistics are
+tensors (no host synchronisation inside a step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .data.batch import IGNORE_INDEX, LMBatch
+
+__all__ = [
+    "BaselineStats",
+    "LisaConfig",
+    "LisaState",
+    "find_attention_modules",
+    "lisa_step",
+    "reference_lisa_step",
+    "reference_vaccine_step",
+    "vaccine_step",
+]
+
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+
+
+@dataclass
+class BaselineStats:
+    """Per-step statistics, all 0-d tensors on the model's device (read them after the step, off the hot path).
+
+    Attributes:
+        loss: the token-mean cross-entropy that produced the update (fp32; for Lisa it excludes the proximal term).
+        grad_norm: the global gradient norm before clipping (fp32).
+        extra: method-specific scalars: Vaccine ``perturbation_grad_norm`` (``||g||_global`` of pass 1) and
+            ``clean_loss`` (pass-1 loss); Lisa ``proximal`` (``rho_L/2 * ||theta - anchor||^2``).
+    """
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (no parameter has requires_grad=True)")
+    return params
+
+
+def _check_batch(model: nn.Module, batch: LMBatch, name: str = "batch") -> None:
+    if not isinstance(batch, LMBatch):
+        raise TypeError(f"{name} must be an antibody_fast.data.LMBatch, got {type(batch).__name__}")
+    if batch.input_ids.dim() != 2 or batch.input_ids.shape[0] == 0:
+        raise ValueError(f"{name} is empty or not 2-D: input_ids has shape {tuple(batch.input_ids.shape)}")
+    dev = next(model.parameters()).device
+    if batch.input_ids.device != dev:
+        raise ValueError(f"{name} is on {batch.input_ids.device} but the model is on {dev}; call batch.to(device)")
+    if batch.input_ids.device.type == "cpu" and not bool((batch.labels != IGNORE_INDEX).any()):
+        # only validated on CPU: the check syncs
+        raise ValueError(f"{name} has no answer token (every label is {IGNORE_INDEX})")
+
+
+def find_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention block of every decoder layer, in layer order.
+
+    A module counts when its attribute name is one of ``self_attn``, ``attn``, ``attention``,
+    ``self_attention`` (HF Llama, Qwen2, Gemma, Mistral, GPT-2 naming) and it has parameters; nested matches
+    (an ``attn`` inside a ``self_attn``) are skipped. PEFT-wrapped models work (LoRA layers live inside).
+    """
+    found: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _ATTENTION_NAMES and any(True for _ in mod.parameters()):
+            if any(name.startswith(prev + ".") for prev, _ in found):
+                continue
+            found.append((name, mod))
+    if not found:
+        raise ValueError(
+            "no attention block found (looked for submodules named " + ", ".join(_ATTENTION_NAMES) + "); "
+            "pass attention_modules= explicitly"
+        )
+    return [m for _, m in found]
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, value):
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    return value
+
+
+def _lm_loss(model: nn.Module, batch: LMBatch, impl: str = "auto") -> torch.Tensor:
+    """Token-mean CE over answer tokens with the fused linear log-likelihood (0-d fp32 tensor)."""
+    from .models import get_trunk_and_head
+    from .ops.sequence_logprob import linear_sequence_logprob
+
+    trunk, head, softcap = get_trunk_and_head(model)
+    hidden = trunk(**batch.model_inputs(), use_cache=False).last_hidden_state  # [B, T, H]
+    res = linear_sequence_logprob(
+        hidden, head.weight, batch.labels, bias=head.bias, softcap=softcap, shift=True, impl=impl
+    )
+    return -res.logprob.sum() / res.num_tokens.sum().clamp_min(1).to(res.logprob.dtype)
+
+
+def _hf_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
+    """HF's own loss (logits materialised): the references' loss."""
+    out = model(**batch.model_inputs(), labels=batch.labels, use_cache=False)
+    return out.loss.float()
+
+
+def _finish_flat(flat, optimizer, scheduler, max_grad_norm, impl: str) -> torch.Tensor:
+    """Fused clip of the flat gradient, optimizer/scheduler step, zero the flat gradient (views kept)."""
+    from .ops.flat_ops import clip_, sq_norm
+
+    grads = flat.grad_buffers
+    with torch.no_grad():
+        if max_grad_norm:
+            norm = clip_(grads, float(max_grad_norm), impl=impl)
+        else:
+            norm = sq_norm(grads, impl=impl).sqrt()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    flat.zero_grad()
+    return norm.detach().float()
+
+
+def _flat(model: nn.Module):
+    from .steps import flat_parameters
+
+    return flat_parameters(model)
+
+
+def _check_common(model, optimizer, max_grad_norm):
+    if optimizer is None:
+        raise ValueError("an optimizer is required")
+    if max_grad_norm is not None and not max_grad_norm >= 0:
+        raise ValueError(f"max_grad_norm must be >= 0 or None, got {max_grad_norm}")
+    return _trainable(model)
+
+
+# --------------------------------------------------------------------------------------------------- Vaccine
+def vaccine_step(
+    model: nn.Module,
+    batch: LMBatch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    rho: float = 5.0,
+    max_grad_norm: float | None = 1.0,
+    scheduler=None,
+    attention_modules: Sequence[nn.Module] | None = None,
+    impl: str = "auto",
+) -> BaselineStats:
+    """One Vaccine alignment step (perturbation-aware alignment on the attention outputs).
+
+    Args:
+        model: HF causal LM (PEFT-wrapped or not); its ``requires_grad`` parameters are trained.
+        batch: alignment data, an :class:`~antibody_fast.data.LMBatch` (``input_ids`` ``[B, T]`` int64 ...).
+        optimizer: over the trainable parameters.
+        rho: perturbation radius ``rho_V`` (the authors use 5 for LoRA on Llama-2).
+        max_grad_norm: clip of the global gradient norm of pass 2 (``None``/0: no clipping).
+        scheduler: stepped after the optimizer when given.
+        attention_modules: the blocks whose output is perturbed (default :func:`find_attention_modules`).
+        impl: implementation of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
+
+    Returns:
+        :class:`BaselineStats`: ``loss`` = the perturbed (pass-2) loss, ``grad_norm`` before clipping, ``extra``
+        with ``clean_loss`` and ``perturbation_grad_norm``.
+    """
+    _check_common(model, optimizer, max_grad_norm)
+    _check_batch(model, batch)
+    if not rho >= 0:
+        raise ValueError(f"rho must be >= 0, got {rho}")
+    modules = list(attention_modules) if attention_modules is not None else find_attention_modules(model)
+    flat = _flat(model)
+
+    # pass 1: gradients w.r.t. the attention outputs only
+    outputs: list[torch.Tensor] = []
+
+    def record(_mod, _args, output):
+        outputs.append(_first(output))
+
+    handles = [m.register_forward_hook(record) for m in modules]
+    try:
+        clean_loss = _lm_loss(model, batch, impl)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(outputs) != len(modules):
+        raise RuntimeError(
+            f"expected one output per attention block ({len(modules)}), recorded {len(outputs)} "
+            "(gradient checkpointing re-runs forwards: disable it for Vaccine)"
+        )
+    grads = torch.autograd.grad(clean_loss, outputs, allow_unused=True)
+    grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
+    del outputs
+    gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    scale = rho / (gnorm + 1e-7)
+    perturb = [(g * scale.to(g.dtype)).detach() for g in grads]
+    del grads
+
+    # pass 2: the perturbed forward/backward gives the update gradient
+    def add(i):
+        def hook(_mod, _args, output):
+            return _replace_first(output, _first(output) + perturb[i])
+
+        return hook
+
+    handles = [m.register_forward_hook(add(i)) for i, m in enumerate(modules)]
+    try:
+        loss = _lm_loss(model, batch, impl)
+    finally:
+        for h in handles:
+            h.remove()
+    loss.backward()
+    flat.ensure_grad_views()  # no-op unless something replaced .grad (e.g. optimizer.zero_grad())
+    norm = _finish_flat(flat, optimizer, scheduler, max_grad_norm, impl)
+    return BaselineStats(
+        loss=loss.detach(),
+        grad_norm=norm,
+        extra={"clean_loss": clean_loss.detach(), "perturbation_grad_norm": gnorm.detach()},
+    )
+
+
+def reference_vaccine_step(
+    model: nn.Module,
+    batch: LMBatch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    rho: float = 5.0,
+    max_grad_norm: float | None = 1.0,
+    scheduler=None,
+    attention_modules: Sequence[nn.Module] | None = None,
+) -> BaselineStats:
+    """Naive Vaccine: HF's loss, ``retain_grad`` on every attention output and a full backward in pass 1
+    (parameter grads computed then thrown away), per-tensor Python loops for the norms and the clip.
+    Same arguments and result as :func:`vaccine_step`; the tests' oracle."""
+    params = _trainable(model)
+    modules = list(attention_modules) if attention_modules is not None else find_attention_modules(model)
+    store: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        def hook(_mod, _args, output):
+            t = _first(output)
+            t.retain_grad()
+            store[i] = t
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
+    clean_loss = _hf_loss(model, batch)
+    for h in handles:
+        h.remove()
+    clean_loss.backward()
+    grads = {}
+    for i in range(len(modules)):
+        g = store[i].grad
+        grads[i] = torch.zeros_like(store[i]) if g is None else g.detach().clone()
+    for p in params:
+        p.grad = None
+    total = torch.zeros((), dtype=torch.float32, device=clean_loss.device)
+    for i in grads:
+        total = total + grads[i].float().pow(2).sum()
+    gnorm = total.sqrt()
+    eps = {i: grads[i] * (rho / (gnorm + 1e-7)) for i in grads}
+
+    def add(i):
+        def hook(_mod, _args, output):
+            return _replace_first(output, _first(output) + eps[i])
+
+        return hook
+
+    handles = [m.register_forward_hook(add(i)) for i, m in enumerate(modules)]
+    loss = _hf_loss(model, batch)
+    for h in handles:
+        h.remove()
+    loss.backward()
+    norm = _reference_clip(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return BaselineStats(
+        loss=loss.detach(),
+        grad_norm=norm,
+        extra={"clean_loss": clean_loss.detach(), "perturbation_grad_norm": gnorm.detach()},
+    )
+
+
+def _reference_clip(params, max_grad_norm) -> torch.Tensor:
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total = total + p.grad.detach().float().pow(2).sum()
+    norm = torch.as_tensor(total).sqrt()
+    if max_grad_norm:
+        coef = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+# ------------------------------------------------------------------------------------------------------ Lisa
+@dataclass
+class LisaConfig:
+    """Lisa hyper-parameters.
+
+    Attributes:
+        align_steps: ``K_a``, steps of each alignment state (authors: 100).
+        finetune_steps: ``K_f``, steps of each fine-tuning state (authors: 900).
+        rho: ``rho_L``, weight of the proximal term ``rho_L / 2 * ||theta - theta_anchor||^2`` (authors: 0.01).
+        max_grad_norm: clip of the global gradient norm (proximal gradient included); ``None``/0 disables it.
+        first_phase: ``"align"`` (default) or ``"finetune"``: the state of step 0.
+    """
+
+    align_steps: int = 100
+    finetune_steps: int = 900
+    rho: float = 0.01
+    max_grad_norm: float | None = 1.0
+    first_phase: str = "align"
+
+    def validate(self) -> None:
+        if self.align_steps < 0 or self.finetune_steps < 0 or self.align_steps + self.finetune_steps == 0:
+            raise ValueError(
+                f"align_steps and finetune_steps must be >= 0 with a positive sum, got "
+                f"{self.align_steps} and {self.finetune_steps}"
+            )
+        if not self.rho >= 0:
+            raise ValueError(f"rho must be >= 0, got {self.rho}")
+        if self.first_phase not in ("align", "finetune"):
+            raise ValueError(f"first_phase must be 'align' or 'finetune', got {self.first_phase!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm}")
+
+
+@dataclass
+class LisaState:
+    """Lisa's training state: the step count and the anchor (trainable parameters at the last state switch).
+
+    ``anchor`` is ``None`` until the first step. :func:`lisa_step` keeps it flat: one 1-D tensor per dtype group
+    of the model's :class:`~antibody_fast.flat.FlatParameters` (``flat.unflatten(anchor)`` gives the
+    per-parameter views); :func:`reference_lisa_step` keeps one tensor per trainable parameter.
+    :meth:`state_dict` / :meth:`load_state_dict` serialise it with checkpoints.
+    """
+
+    step: int = 0
+    anchor: list[torch.Tensor] | None = None
+
+    def phase(self, config: LisaConfig, step: int | None = None) -> str:
+        """``"align"`` or ``"finetune"``: which data step ``step`` (default: the next step) trains on."""
+        s = self.step if step is None else step
+        ka, kf = config.align_steps, config.finetune_steps
+        first, second = (ka, kf) if config.first_phase == "align" else (kf, ka)
+        names = ("align", "finetune") if config.first_phase == "align" else ("finetune", "align")
+        return names[0] if s % (first + second) < first else names[1]
+
+    def is_switch(self, config: LisaConfig) -> bool:
+        """Whether the next step starts a new state (the anchor is re-taken before it)."""
+        return self.anchor is None or self.step == 0 or self.phase(config, self.step - 1) != self.phase(config)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "anchor": None if self.anchor is None else [a.clone() for a in self.anchor]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step = int(sd["step"])
+        self.anchor = None if sd["anchor"] is None else [a.clone() for a in sd["anchor"]]
+
+
+def _check_lisa(model, batch, optimizer, state, config):
+    if not isinstance(state, LisaState):
+        raise TypeError(f"state must be a LisaState, got {type(state).__name__}")
+    if not isinstance(config, LisaConfig):
+        raise TypeError(f"config must be a LisaConfig, got {type(config).__name__}")
+    config.validate()
+    _check_common(model, optimizer, config.max_grad_norm)
+    _check_batch(model, batch)
+    flat = _flat(model)
+    bufs = flat.param_buffers
+    if state.anchor is not None:
+        ok = len(state.anchor) == len(bufs) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(state.anchor, bufs)
+        )
+        if not ok:
+            raise ValueError(
+                "state.anchor does not match the model's flat trainable parameters (shapes "
+                f"{[tuple(a.shape) for a in state.anchor]} vs {[tuple(b.shape) for b in bufs]})"
+            )
+    return flat
+
+
+def lisa_step(
+    model: nn.Module,
+    batch: LMBatch,
+    optimizer: torch.optim.Optimizer,
+    state: LisaState,
+    config: LisaConfig | None = None,
+    *,
+    scheduler=None,
+    impl: str = "auto",
+) -> BaselineStats:
+    """One Lisa step on ``batch``: alignment data when ``state.phase(config) == "align"``, user data otherwise.
+
+    Loss = token-mean CE (fused, as :func:`antibody_fast.sft_step`) + ``rho/2 * ||theta - anchor||^2``. The
+    proximal gradient ``rho * (theta - anchor)`` is added to the flat gradient buffer in one fused op (no autograd
+    graph over the parameters); clipping is the fused flat clip. At a state switch the anchor is re-taken (copied
+    in place into the flat anchor).
+
+    Args:
+        model: HF causal LM; its ``requires_grad`` parameters are trained.
+        batch: :class:`~antibody_fast.data.LMBatch` (``input_ids`` ``[B, T]`` int64 ...) of the current state.
+        optimizer: over the trainable parameters.
+        state: :class:`LisaState`, advanced by one step.
+        config: :class:`LisaConfig` (default ``LisaConfig()``).
+        scheduler: stepped after the optimizer when given.
+        impl: implementation of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
+
+    Returns:
+        :class:`BaselineStats` with ``extra["proximal"]``, the proximal term's value before the update.
+    """
+    config = LisaConfig() if config is None else config
+    flat = _check_lisa(model, batch, optimizer, state, config)
+    from .ops.flat_ops import sq_norm
+
+    theta = flat.param_buffers
+    if state.anchor is None:
+        state.anchor = [t.detach().clone() for t in theta]
+    elif state.is_switch(config):
+        with torch.no_grad():
+            torch._foreach_copy_(state.anchor, theta)
+    loss = _lm_loss(model, batch, impl)
+    loss.backward()
+    flat.ensure_grad_views()
+    with torch.no_grad():
+        diff = torch._foreach_sub(theta, state.anchor)
+        prox = 0.5 * config.rho * sq_norm(diff, impl=impl)
+        if config.rho:
+            torch._foreach_add_(flat.grad_buffers, diff, alpha=config.rho)
+        del diff
+    norm = _finish_flat(flat, optimizer, scheduler, config.max_grad_norm, impl)
+    state.step += 1
+    return BaselineStats(loss=loss.detach(), grad_norm=norm, extra={"proximal": prox})
+
+
+def reference_lisa_step(
+    model: nn.Module,
+    batch: LMBatch,
+    optimizer: torch.optim.Optimizer,
+    state: LisaState,
+    config: LisaConfig | None = None,
+    *,
+    scheduler=None,
+) -> BaselineStats:
+    """Naive Lisa: HF's loss plus the proximal term written into the autograd graph, parameter by parameter,
+    and a Python-loop clip. Same arguments and result as :func:`lisa_step`; the tests' oracle."""
+    config = LisaConfig() if config is None else config
+    params = _trainable(model)
+    phase_now = state.phase(config)
+    switched = state.step == 0 or state.anchor is None or state.phase(config, state.step - 1) != phase_now
+    if switched:
+        state.anchor = [p.detach().clone() for p in params]
+    loss = _hf_loss(model, batch)
+    prox = torch.zeros((), dtype=torch.float32, device=loss.device)
+    for p, a in zip(params, state.anchor):
+        prox = prox + ((p - a) ** 2).sum()
+    prox = config.rho / 2 * prox
+    (loss + prox).backward()
+    norm = _reference_clip(params, config.max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return BaselineStats(loss=loss.detach(), grad_norm=norm, extra={"proximal": prox.detach()})

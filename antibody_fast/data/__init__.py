@@ -1,0 +1,19 @@
+"""Data: prompt-aligned batch dataclasses, collators and the shipped refusal pool.
+
+Imports neither ``datasets`` nor ``transformers``: collators take any callable HF tokenizer, or none at all
+for token-id examples.
+"""
+
+from .batch import IGNORE_INDEX, AlignBatch, FinetuneBatch, LMBatch
+from .collate import AlignCollator, FinetuneCollator
+from .refusals import DEFAULT_REFUSALS
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LMBatch",
+    "FinetuneBatch",
+    "AlignBatch",
+    "FinetuneCollator",
+    "AlignCollator",
+    "DEFAULT_REFUSALS",
+]

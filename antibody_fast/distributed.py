@@ -1,0 +1,86 @@
+"""Small ``torch.distributed`` helpers used by the training steps.
+
+Every helper is a no-op (returns its input, or the trivial answer) when ``torch.distributed`` is not
+available or not initialised, so single-process code calls them unconditionally.
+
+The fine-tuning step needs the softmax weights over the **global** batch and a global loss denominator.
+It computes them with two fixed-size all-reduces (the global max and the global sum of ``exp``), which
+allow unequal per-rank batch sizes and need no host synchronisation; :func:`all_gather_variable` is the
+general (host-synchronising) tool for gathering unequal-size tensors, e.g. per-sample statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "all_gather_variable",
+]
+
+
+def is_distributed(group=None) -> bool:
+    """True when ``torch.distributed`` is initialised and the group has more than one rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(group) > 1
+
+
+def get_rank(group=None) -> int:
+    """This process's rank in ``group`` (0 when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank(group)
+
+
+def get_world_size(group=None) -> int:
+    """Number of ranks in ``group`` (1 when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``t`` (any shape, floating or integer) over the ranks of ``group``, **in place**.
+
+    Returns ``t`` (the same tensor object) for chaining; a no-op when not distributed.
+    """
+    if is_distributed(group):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Elementwise maximum of ``t`` over the ranks of ``group``, **in place**; returns ``t``."""
+    if is_distributed(group):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def all_gather_variable(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``t`` along dim 0 over the ranks of ``group`` in rank order; sizes may differ.
+
+    ``t``: ``[n_rank, *rest]`` (``rest`` must agree over ranks, ``n_rank`` may differ, zero included).
+    Returns ``[sum_r n_r, *rest]`` with the same dtype and device (``t`` itself when not distributed).
+
+    The per-rank sizes are exchanged first (one small all-gather whose result is read on the host: this
+    helper synchronises), then every rank pads to the largest size, all-gathers, and drops the padding.
+    """
+    if not is_distributed(group):
+        return t
+    world = dist.get_world_size(group)
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes_host = [int(s) for s in torch.cat(sizes).cpu().tolist()]
+    n_max = max(sizes_host)
+    padded = t.new_zeros((n_max, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes_host)], dim=0)

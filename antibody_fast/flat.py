@@ -1,0 +1,310 @@
+"""All trainable parameters as views into one contiguous buffer per dtype (DESIGN.md §3).
+
+:class:`FlatParameters` packs every ``requires_grad`` parameter of a model (or of an iterable of
+parameters) into one flat buffer per dtype: each parameter's ``.data`` becomes a view of its buffer and its
+``.grad`` a view of a matching flat gradient buffer, so that backward accumulates straight into the flat
+gradient and the fused ops of :mod:`antibody_fast.ops.flat_ops` work on the whole parameter set in one or
+two launches.
+
+The Parameter objects stay the same (optimizers built before or after packing keep working, and
+``state_dict``/``load_state_dict`` are unaffected: ``load_state_dict`` copies in place into the views).
+
+Gradient views and ``zero_grad``
+    Autograd accumulates *in place* into an existing ``.grad`` of matching shape/dtype, so the views stay
+    attached through any number of backward passes. ``optimizer.zero_grad()`` (``set_to_none=True`` by
+    default) or ``model.zero_grad()`` replace ``.grad`` by None, and the next backward then allocates fresh,
+    detached gradients. Use :meth:`FlatParameters.zero_grad` instead, or call
+    :meth:`FlatParameters.ensure_grad_views` before backward (or after it: any detached ``.grad`` is copied
+    into the flat buffer and the view re-attached; a None grad reads as zero).
+
+Things that break the views: ``model.to(...)``/``model.half()`` after packing (they replace ``param.data``);
+re-pack afterwards. ``torch.save`` of a view stores its whole storage (the flat buffer, once per file);
+clone the tensors first if a per-tensor file is wanted.
+
+Multiple dtypes
+    One :class:`FlatGroup` per dtype (in order of first appearance). ``.params``/``.grads`` return the flat
+    tensor when there is exactly one group and raise otherwise; ``.param_buffers``/``.grad_buffers`` always
+    return the list (one tensor per group) and every op of :mod:`antibody_fast.ops.flat_ops` accepts such a
+    list (norms and dot products are then global over all groups).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .ops.flat_ops import PerturbBackup, perturb_, restore_
+
+
+@dataclass
+class FlatGroup:
+    """The parameters of one dtype.
+
+    Attributes:
+        dtype: the dtype of every parameter of the group.
+        params: flat parameter buffer ``[numel]`` (``dtype``); each parameter's ``.data`` is a view of it.
+        grads: flat gradient buffer ``[numel]`` (``dtype``); each parameter's ``.grad`` is a view of it.
+        names: parameter names, in buffer order.
+        offsets: start of each parameter in the buffer.
+        shapes: shape of each parameter.
+        numel: total number of elements of the group.
+    """
+
+    dtype: torch.dtype
+    params: torch.Tensor
+    grads: torch.Tensor
+    names: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    shapes: list[torch.Size] = field(default_factory=list)
+    parameters: list[torch.nn.Parameter] = field(default_factory=list, repr=False)
+    grad_views: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return self.params.numel()
+
+
+def _collect(model_or_params) -> list[tuple[str, torch.nn.Parameter]]:
+    if isinstance(model_or_params, torch.nn.Module):
+        named = list(model_or_params.named_parameters())  # deduplicates shared parameters
+    elif isinstance(model_or_params, torch.Tensor):
+        raise TypeError("FlatParameters: pass a module or an iterable of parameters, not a single tensor")
+    elif isinstance(model_or_params, Iterable):
+        named = []
+        seen_names = set()
+        for i, item in enumerate(model_or_params):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                name, p = item
+            else:
+                name, p = f"param{i}", item
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"FlatParameters: item {i} is {type(p).__name__}, expected a Parameter")
+            if name in seen_names:
+                raise ValueError(f"FlatParameters: duplicate parameter name {name!r}")
+            seen_names.add(name)
+            named.append((name, p))
+    else:
+        raise TypeError(
+            f"FlatParameters: expected an nn.Module or an iterable of parameters, got "
+            f"{type(model_or_params).__name__}"
+        )
+    out, seen = [], set()
+    for name, p in named:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        out.append((name, p))
+    return out
+
+
+class FlatParameters:
+    """Pack the trainable parameters of ``model_or_params`` into one flat buffer per dtype.
+
+    Args:
+        model_or_params: an ``nn.Module`` (its ``requires_grad`` parameters, in ``named_parameters`` order)
+            or an iterable of Parameters or of ``(name, Parameter)`` pairs (frozen ones are skipped).
+
+    Raises:
+        ValueError: no trainable parameter; parameters on different devices; sparse or non-strided
+            parameters. Nothing is modified when an error is raised.
+
+    Existing ``.grad`` values are copied into the flat gradient buffer (missing ones read as zero).
+    """
+
+    def __init__(self, model_or_params):
+        named = _collect(model_or_params)
+        if not named:
+            raise ValueError("FlatParameters: no trainable parameters (nothing has requires_grad=True)")
+        device = named[0][1].device
+        for name, p in named:
+            if p.device != device:
+                raise ValueError(
+                    f"FlatParameters: parameters on different devices: {named[0][0]!r} on {device}, "
+                    f"{name!r} on {p.device}"
+                )
+            if p.layout != torch.strided or p.is_sparse:
+                raise ValueError(
+                    f"FlatParameters: parameter {name!r} has layout {p.layout}; only dense ones pack"
+                )
+            if not p.is_floating_point():
+                raise ValueError(f"FlatParameters: parameter {name!r} has non-float dtype {p.dtype}")
+            if p.grad is not None and (p.grad.shape != p.shape or p.grad.layout != torch.strided):
+                raise ValueError(
+                    f"FlatParameters: parameter {name!r} has a .grad of shape {tuple(p.grad.shape)} "
+                    f"/ layout {p.grad.layout}"
+                )
+        self.device = device
+        by_dtype: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
+        for name, p in named:
+            by_dtype.setdefault(p.dtype, []).append((name, p))
+        self.groups: list[FlatGroup] = []
+        with torch.no_grad():
+            for dtype, items in by_dtype.items():
+                total = sum(p.numel() for _, p in items)
+                pbuf = torch.empty(total, dtype=dtype, device=device)
+                gbuf = torch.zeros(total, dtype=dtype, device=device)
+                grp = FlatGroup(dtype=dtype, params=pbuf, grads=gbuf)
+                off = 0
+                for name, p in items:
+                    n = p.numel()
+                    pbuf[off : off + n].copy_(p.detach().reshape(-1))
+                    if p.grad is not None:
+                        gbuf[off : off + n].copy_(p.grad.detach().reshape(-1))
+                    grp.names.append(name)
+                    grp.offsets.append(off)
+                    grp.shapes.append(p.shape)
+                    grp.parameters.append(p)
+                    grp.grad_views.append(gbuf[off : off + n].view(p.shape))
+                    off += n
+                self.groups.append(grp)
+            # Only now (all copies done) re-point the parameters at the buffers.
+            for grp in self.groups:
+                for p, off, shape, gv in zip(grp.parameters, grp.offsets, grp.shapes, grp.grad_views):
+                    p.data = grp.params[off : off + p.numel()].view(shape)
+                    p.grad = gv
+        self._backup: list[torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- buffers
+    def _single(self, what: str) -> FlatGroup:
+        if len(self.groups) != 1:
+            dts = ", ".join(str(g.dtype) for g in self.groups)
+            raise ValueError(
+                f"FlatParameters.{what}: the trainable parameters have {len(self.groups)} dtypes ({dts}), so there "
+                f"is one flat buffer per dtype: use .{what[:-1]}_buffers (a list, accepted by every flat op) or "
+                ".groups"
+            )
+        return self.groups[0]
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The flat parameter buffer ``[numel]`` (single-dtype models only; see ``param_buffers``)."""
+        return self._single("params").params
+
+    @property
+    def grads(self) -> torch.Tensor:
+        """The flat gradient buffer ``[numel]`` (single-dtype models only; see ``grad_buffers``)."""
+        return self._single("grads").grads
+
+    @property
+    def param_buffers(self) -> list[torch.Tensor]:
+        """One flat parameter buffer per dtype group."""
+        return [g.params for g in self.groups]
+
+    @property
+    def grad_buffers(self) -> list[torch.Tensor]:
+        """One flat gradient buffer per dtype group."""
+        return [g.grads for g in self.groups]
+
+    @property
+    def names(self) -> list[str]:
+        return [n for g in self.groups for n in g.names]
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g.parameters]
+
+    @property
+    def numel(self) -> int:
+        return sum(g.numel for g in self.groups)
+
+    @property
+    def dtypes(self) -> list[torch.dtype]:
+        return [g.dtype for g in self.groups]
+
+    def layout(self) -> dict[str, tuple[int, int, torch.Size]]:
+        """``{name: (group index, offset, shape)}``."""
+        return {
+            n: (gi, off, shape)
+            for gi, g in enumerate(self.groups)
+            for n, off, shape in zip(g.names, g.offsets, g.shapes)
+        }
+
+    def unflatten(self, flat: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Views ``{name: tensor of the parameter's shape}`` into flat tensor(s) laid out like the buffers."""
+        flats = [flat] if isinstance(flat, torch.Tensor) else list(flat)
+        if len(flats) != len(self.groups) or any(f.numel() != g.numel for f, g in zip(flats, self.groups)):
+            raise ValueError("FlatParameters.unflatten: the flat tensors do not match the group numels")
+        return {
+            n: f[off : off + s.numel()].view(s)
+            for f, g in zip(flats, self.groups)
+            for n, off, s in zip(g.names, g.offsets, g.shapes)
+        }
+
+    def __len__(self) -> int:
+        return sum(len(g.parameters) for g in self.groups)
+
+    def __repr__(self) -> str:
+        gs = ", ".join(f"{g.dtype}: {len(g.parameters)} tensors / {g.numel} elements" for g in self.groups)
+        return f"FlatParameters({gs}; device={self.device})"
+
+    # ---------------------------------------------------------------- gradients
+    def grads_attached(self) -> bool:
+        """True when every parameter's ``.grad`` is its view of the flat gradient buffer (host-only check)."""
+        return all(p.grad is gv for g in self.groups for p, gv in zip(g.parameters, g.grad_views))
+
+    def ensure_grad_views(self) -> None:
+        """Re-attach the flat-gradient views after something replaced ``.grad``.
+
+        For each parameter whose ``.grad`` is not its view: a None grad zeroes its slice; any other tensor
+        is copied into its slice. Then ``.grad`` is set to the view. Cheap when nothing changed (identity
+        checks only); no host sync.
+        """
+        with torch.no_grad():
+            for g in self.groups:
+                for p, gv in zip(g.parameters, g.grad_views):
+                    cur = p.grad
+                    if cur is gv:
+                        continue
+                    if cur is None:
+                        gv.zero_()
+                    elif cur.data_ptr() != gv.data_ptr() or cur.stride() != gv.stride():
+                        gv.copy_(cur)
+                    p.grad = gv
+
+    def zero_grad(self) -> None:
+        """Zero the flat gradient buffers (one fill per dtype) and (re-)attach every ``.grad`` view."""
+        for g in self.groups:
+            g.grads.zero_()
+            for p, gv in zip(g.parameters, g.grad_views):
+                if p.grad is not gv:
+                    p.grad = gv
+
+    def grad_snapshot(self) -> list[torch.Tensor]:
+        """Clone of the flat gradient buffers: a list with one ``[numel]`` tensor per dtype group.
+
+        Call :meth:`ensure_grad_views` first if something may have replaced ``.grad``.
+        """
+        return [g.grads.clone() for g in self.groups]
+
+    # ---------------------------------------------------------------- perturbation
+    @contextlib.contextmanager
+    def perturbed(
+        self,
+        g: torch.Tensor | list[torch.Tensor],
+        rho: float,
+        eps: float = 1e-7,
+        *,
+        group=None,
+        impl: str = "auto",
+    ) -> Iterator[PerturbBackup]:
+        """Context manager: ``theta <- theta - rho*g/(||g||+eps)`` inside, theta restored bit for bit on exit.
+
+        The restore runs even when the body raises. ``g`` is a flat tensor (single group) or a list laid
+        out like :attr:`grad_buffers` (e.g. from :meth:`grad_snapshot`). Yields the
+        :class:`~antibody_fast.ops.flat_ops.PerturbBackup` (``.norm`` and the ``.nonfinite`` device flag).
+        The backup buffers are allocated once and reused across calls. Not re-entrant.
+        """
+        if self._backup is not None and getattr(self, "_in_perturbed", False):
+            raise RuntimeError("FlatParameters.perturbed is not re-entrant")
+        if self._backup is None:
+            self._backup = [torch.empty_like(b) for b in self.param_buffers]
+        backup = perturb_(self.param_buffers, g, rho, eps, group=group, out=self._backup, impl=impl)
+        self._in_perturbed = True
+        try:
+            yield backup
+        finally:
+            self._in_perturbed = False
+            restore_(self.param_buffers, backup, impl=impl)

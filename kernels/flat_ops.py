@@ -1,0 +1,219 @@
+"""Triton kernels of the flat-buffer ops (launchers: ``antibody_fast/ops/flat_ops.py``).
+
+Reductions run in two launches: a persistent grid of ``P`` programs, each striding over blocks of its flat
+tensor and accumulating in an fp32 (fp64 for fp64 input) vector, writes one fp64 partial per program; one
+program then sums the partials of every group in order (deterministic). The elementwise kernels read the
+reduced scalar from device memory and compute their scale on the device (IEEE ``sqrt_rn``/``div_rn``), so
+no host sync is needed.
+
+All loads of fp16/bf16 are upcast to fp32 right after loading (the interpreter computes bf16 arithmetic
+wrongly); fp64 stays fp64.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _upcast(x, IS_FP64: tl.constexpr):
+    if IS_FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _sq_norm_partial_kernel(
+    X_ptr,
+    PART_ptr,
+    n,
+    part_offset,
+    BLOCK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    if IS_FP64:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(pid * BLOCK, n, nprog * BLOCK):
+        offs = start + cols
+        x = _upcast(tl.load(X_ptr + offs, mask=offs < n, other=0.0), IS_FP64)
+        acc += x * x
+    tl.store(PART_ptr + part_offset + pid, tl.sum(acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _grad_dots_partial_kernel(
+    A_ptr,
+    H_ptr,
+    P_ptr,
+    PART_ptr,
+    n,
+    part_offset,
+    stride_part,
+    BLOCK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    if IS_FP64:
+        acc_d = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_a = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_s = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc_d = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(pid * BLOCK, n, nprog * BLOCK):
+        offs = start + cols
+        mask = offs < n
+        a = _upcast(tl.load(A_ptr + offs, mask=mask, other=0.0), IS_FP64)
+        h = _upcast(tl.load(H_ptr + offs, mask=mask, other=0.0), IS_FP64)
+        p = _upcast(tl.load(P_ptr + offs, mask=mask, other=0.0), IS_FP64)
+        s = h - p
+        acc_d += a * s
+        acc_a += a * a
+        acc_s += s * s
+    base = PART_ptr + part_offset + pid
+    tl.store(base, tl.sum(acc_d, axis=0).to(tl.float64))
+    tl.store(base + stride_part, tl.sum(acc_a, axis=0).to(tl.float64))
+    tl.store(base + 2 * stride_part, tl.sum(acc_s, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _sum_partials_kernel(
+    PART_ptr,
+    OUT_ptr,
+    n_parts,
+    stride_part,
+    K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    cols = tl.arange(0, BLOCK_P)
+    for k in tl.static_range(K):
+        acc = tl.zeros([BLOCK_P], dtype=tl.float64)
+        for start in range(0, n_parts, BLOCK_P):
+            offs = start + cols
+            acc += tl.load(PART_ptr + k * stride_part + offs, mask=offs < n_parts, other=0.0)
+        tl.store(OUT_ptr + k, tl.sum(acc, axis=0).to(OUT_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _perturb_kernel(
+    T_ptr,
+    B_ptr,
+    G_ptr,
+    SQ_ptr,
+    FLAG_ptr,
+    n,
+    rho,
+    eps,
+    BLOCK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    WRITE_FLAG: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    sq = tl.load(SQ_ptr)  # fp32, or fp64 when a buffer is fp64
+    finite = (sq - sq) == 0.0  # False for inf and nan
+    ok = finite & (sq > 0.0)
+    norm = tl.sqrt_rn(sq)
+    scale = tl.where(ok, tl.div_rn(rho + 0.0 * sq, norm + eps), 0.0)
+    if WRITE_FLAG:
+        tl.store(FLAG_ptr, tl.where(finite, 0, 1).to(tl.int8), mask=pid == 0)
+    t_raw = tl.load(T_ptr + offs, mask=mask)
+    tl.store(B_ptr + offs, t_raw, mask=mask)
+    upd = offs < tl.where(ok, n, 0)  # mask & ok (the interpreter rejects bool block & bool scalar)
+    g = _upcast(tl.load(G_ptr + offs, mask=upd, other=0.0), IS_FP64)
+    t = _upcast(t_raw, IS_FP64)
+    new = t - _upcast(scale, IS_FP64) * g
+    tl.store(T_ptr + offs, new.to(T_ptr.dtype.element_ty), mask=upd)
+
+
+@triton.jit
+def _copy_kernel(DST_ptr, SRC_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    tl.store(DST_ptr + offs, tl.load(SRC_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    O_ptr,
+    A_ptr,
+    H_ptr,
+    P_ptr,
+    R_ptr,
+    LT_ptr,
+    LR_ptr,
+    lt_value,
+    lr_value,
+    n,
+    BLOCK: tl.constexpr,
+    HAS_R: tl.constexpr,
+    LT_TENSOR: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    if LT_TENSOR:
+        lt = _upcast(tl.load(LT_ptr), IS_FP64)
+    else:
+        lt = lt_value  # fp32 scalar argument (fp64 lambdas always arrive as tensors)
+    a = _upcast(tl.load(A_ptr + offs, mask=mask, other=0.0), IS_FP64)
+    h = _upcast(tl.load(H_ptr + offs, mask=mask, other=0.0), IS_FP64)
+    p = _upcast(tl.load(P_ptr + offs, mask=mask, other=0.0), IS_FP64)
+    res = a + lt * (h - p)
+    if HAS_R:
+        if LR_TENSOR:
+            lr = _upcast(tl.load(LR_ptr), IS_FP64)
+        else:
+            lr = lr_value  # fp32 scalar argument (fp64 lambdas always arrive as tensors)
+        r = _upcast(tl.load(R_ptr + offs, mask=mask, other=0.0), IS_FP64)
+        res = res + lr * r
+    tl.store(O_ptr + offs, res.to(O_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _clip_scale_kernel(
+    G_ptr,
+    SQ_ptr,
+    NORM_ptr,
+    n,
+    max_norm,
+    BLOCK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    WRITE_NORM: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    sq = tl.load(SQ_ptr)
+    norm = tl.sqrt_rn(sq)
+    coef = tl.div_rn(max_norm + 0.0 * sq, norm + 1e-6)
+    coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN (torch's clamp(max=1))
+    if WRITE_NORM:
+        tl.store(NORM_ptr, norm.to(NORM_ptr.dtype.element_ty), mask=pid == 0)
+    # coef == 1 is the identity: skip the pass (also skips all memory traffic when nothing is clipped)
+    mask = offs < tl.where(coef != 1.0, n, 0)
+    x = _upcast(tl.load(G_ptr + offs, mask=mask, other=0.0), IS_FP64)
+    tl.store(G_ptr + offs, (x * _upcast(coef, IS_FP64)).to(G_ptr.dtype.element_ty), mask=mask)
+
+
+__all__ = [
+    "triton",
+    "_sq_norm_partial_kernel",
+    "_grad_dots_partial_kernel",
+    "_sum_partials_kernel",
+    "_perturb_kernel",
+    "_copy_kernel",
+    "_combine_kernel",
+    "_clip_scale_kernel",
+]
