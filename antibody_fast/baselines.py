@@ -75,7 +75,9 @@ def _check_batch(model: nn.Module, batch: LMBatch, name: str = "batch") -> None:
         raise ValueError(f"{name} is empty or not 2-D: input_ids has shape {tuple(batch.input_ids.shape)}")
     dev = next(model.parameters()).device
     if batch.input_ids.device != dev:
-        raise ValueError(f"{name} is on {batch.input_ids.device} but the model is on {dev}; call batch.to(device)")
+        raise ValueError(
+            f"{name} is on {batch.input_ids.device} but the model is on {dev}; call batch.to(device)"
+        )
     if batch.input_ids.device.type == "cpu" and not bool((batch.labels != IGNORE_INDEX).any()):
         # only validated on CPU: the check syncs
         raise ValueError(f"{name} has no answer token (every label is {IGNORE_INDEX})")
@@ -217,7 +219,7 @@ def vaccine_step(
         )
     grads = torch.autograd.grad(clean_loss, outputs, allow_unused=True)
     grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
-    del outputs
+    outputs.clear()  # the pass-1 graph can go
     gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
     scale = rho / (gnorm + 1e-7)
     perturb = [(g * scale.to(g.dtype)).detach() for g in grads]
@@ -381,10 +383,15 @@ class LisaState:
 
     def is_switch(self, config: LisaConfig) -> bool:
         """Whether the next step starts a new state (the anchor is re-taken before it)."""
-        return self.anchor is None or self.step == 0 or self.phase(config, self.step - 1) != self.phase(config)
+        return (
+            self.anchor is None or self.step == 0 or self.phase(config, self.step - 1) != self.phase(config)
+        )
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "anchor": None if self.anchor is None else [a.clone() for a in self.anchor]}
+        return {
+            "step": self.step,
+            "anchor": None if self.anchor is None else [a.clone() for a in self.anchor],
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         self.step = int(sd["step"])
@@ -403,7 +410,8 @@ def _check_lisa(model, batch, optimizer, state, config):
     bufs = flat.param_buffers
     if state.anchor is not None:
         ok = len(state.anchor) == len(bufs) and all(
-            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(state.anchor, bufs)
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            for a, b in zip(state.anchor, bufs)
         )
         if not ok:
             raise ValueError(

@@ -250,7 +250,8 @@ def time_benchmark(
       (defaults: 10 rounds + 2 warm-up rounds, 3 + 1 in quick mode).
     * CUDA without ``setup``: ``triton.testing.do_bench(fn, return_mode="all")`` (CUDA events around every
       call, L2 cache flushed between calls; 25/100 ms warm-up/measurement, 10/25 ms in quick mode); its
-      per-call times become the benchmark's rounds, so the JSON's ``stats.data`` holds device times.
+      per-call times become the benchmark's rounds, so the JSON's ``stats.data`` holds device times;
+      calls too long for ``rounds`` samples in that window get the missing rounds timed with CUDA events.
       ``extra_info["timer"]`` says which timer was used.
     * CUDA with ``setup`` (or without triton): pedantic rounds of ``fn(); torch.cuda.synchronize()`` timed
       on the host (each round includes one synchronisation, a few microseconds).
@@ -279,8 +280,12 @@ def time_benchmark(
 
         benchmark.extra_info.setdefault("timer", "host+cuda-sync")
         return benchmark.pedantic(synced, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
+    if getattr(benchmark, "_mode", None):
+        raise RuntimeError(f"the benchmark fixture was already used ({benchmark._mode})")
     warm_ms, rep_ms = (10, 25) if quick else (25, 100)
-    times_ms = do_bench(fn, warmup=warm_ms, rep=rep_ms, return_mode="all")
+    times_ms = [float(t) for t in do_bench(fn, warmup=warm_ms, rep=rep_ms, return_mode="all")]
+    if len(times_ms) < rounds:  # long calls (training steps): do_bench ran too few; time the rest here
+        times_ms += _cuda_event_times_ms(fn, rounds - len(times_ms))
     # Record do_bench's per-call device times as this benchmark's rounds (pytest-benchmark has no public
     # API for externally measured times; _make_stats is what pedantic() itself uses).
     benchmark._mode = "triton.testing.do_bench"
@@ -291,6 +296,19 @@ def time_benchmark(
     out = fn()
     _sync(device)
     return out
+
+
+def _cuda_event_times_ms(fn: Callable[[], object], n: int) -> list[float]:
+    import torch
+
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
 
 def tag_benchmark(
@@ -320,14 +338,25 @@ def tag_benchmark(
 
 
 def _best_time(fn: Callable[[], object], device: str, reps: int) -> float:
+    """Shortest of ``reps`` timed calls after one warm-up call, in seconds (CUDA events on CUDA)."""
+    import torch
+
+    is_cuda = str(device).startswith("cuda")
     fn()
     _sync(device)
     best = math.inf
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        if is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
     return best
 
 
@@ -517,7 +546,8 @@ def analyse(rows: list[Row]) -> dict[tuple, list[Row]]:
         ours = [r for r in members if r.ours and not r.floor and math.isfinite(r.median)]
         floors = [r.median for r in members if r.floor and math.isfinite(r.median)]
         floors += [r.floor_s for r in members if r.floor_s is not None]
-        floor_t = min(floors) if floors else None
+        # several floors: the largest is the tightest lower bound
+        floor_t = max(floors) if floors else None
         for r in ours:
             if floor_t is not None and r.median > 0:
                 r.limit_frac = floor_t / r.median
@@ -542,12 +572,19 @@ def merge_results(docs: list[dict], sources: list[str] | None = None) -> dict:
     merged = dict(docs[0])
     merged["benchmarks"] = [b for d in docs for b in d["benchmarks"]]
     header = dict(merged.get(HEADER_KEY) or {})
-    header["skipped"] = [s for d in docs for s in ((d.get(HEADER_KEY) or {}).get("skipped") or [])]
+    for key in ("skipped", "failed"):
+        header[key] = [s for d in docs for s in ((d.get(HEADER_KEY) or {}).get(key) or [])]
     floors = {}
     for d in docs:
         floors.update((d.get(HEADER_KEY) or {}).get("floors") or {})
     header["floors"] = floors
     header["merged_from"] = sources or []
+    why = [
+        f"{(sources or [])[i] if sources else i}: {h['interrupted']}"
+        for i, h in enumerate((d.get(HEADER_KEY) or {}) for d in docs)
+        if h.get("interrupted")
+    ]
+    header["interrupted"] = "; ".join(why) or None
     merged[HEADER_KEY] = header
     return merged
 
@@ -625,6 +662,10 @@ def _header_lines(doc: dict) -> list[str]:
                     f"{k} = {val:.4g}" if isinstance(val, float) else f"{k} = {val}" for k, val in fl.items()
                 )
             )
+        if h.get("merged_from"):
+            lines.append("- merged from: " + ", ".join(f"`{Path(p).name}`" for p in h["merged_from"]))
+        if h.get("interrupted"):
+            lines.append(f"- **incomplete**: {h['interrupted']}; the cases that did not finish are missing")
         if h.get("command"):
             lines.append(f"- command: `{h['command']}`")
     else:
@@ -632,6 +673,90 @@ def _header_lines(doc: dict) -> list[str]:
         lines.append(f"- machine: {mi.get('node', '?')} {(mi.get('cpu') or {}).get('brand_raw', '')}")
         lines.append(f"- date: {doc.get('datetime', '?')}")
     return lines
+
+
+_REF_TOKENS = {"authors", "author", "reference", "ref", "naive"}
+_FT_TOKENS = {"finetune", "ft", "weighted", "fine", "tune"}
+
+
+def step_role(provider: str, mode: str = "") -> str | None:
+    """Role of a training-step case in the training-steps targets, from the words of its provider and mode:
+    ``weighted`` (weighted_step), ``sft`` (sft_step), ``hf_sft`` (HF's plain SFT step, e.g. ``hf-sft`` /
+    ``reference_sft_step``), ``authors_ft`` (authors-style fine-tuning step), ``align`` (align_step),
+    ``authors_align`` (authors-style alignment step); None otherwise. In mode ``finetune`` / ``align``,
+    provider ``ours`` is weighted_step / align_step and ``authors`` the authors-style step."""
+    words = set(re.split(r"[^a-z0-9]+", provider.lower())) - {""}
+    mode_words = set(re.split(r"[^a-z0-9]+", mode.lower())) - {""}
+    is_ref = bool(words & _REF_TOKENS)
+    is_ours = "ours" in words or provider.lower() in OURS_PROVIDERS
+    has_sft = "sft" in words
+    has_hf = bool(words & {"hf", "huggingface", "transformers"})
+    has_align = any(w.startswith("align") for w in words) or (
+        not has_sft and not has_hf and any(w.startswith("align") for w in mode_words)
+    )
+    in_ft_mode = bool(mode_words & _FT_TOKENS)
+    if has_align:
+        return "authors_align" if is_ref else "align"
+    if has_hf or (has_sft and is_ref):
+        return "hf_sft"
+    if is_ref and (words & _FT_TOKENS or in_ft_mode):
+        return "authors_ft"
+    if "weighted" in words or (is_ours and in_ft_mode):
+        return "weighted"
+    if has_sft:
+        return "sft"
+    return None
+
+
+# (label, numerator role, denominator role, denominator factor, "<=" or ">=", CPU goal, GPU goal, what)
+STEP_TARGETS = [
+    ("weighted_step / sft_step", "weighted", "sft", 1.0, "<=", 1.10, 1.05, "time"),
+    ("authors-style FT step / weighted_step", "authors_ft", "weighted", 1.0, ">=", 3.0, 1.5, "time"),
+    ("weighted_step / HF plain SFT step", "weighted", "hf_sft", 1.0, "<=", 1.0, 1.0, "time"),
+    ("authors-style align step / align_step", "authors_align", "align", 1.0, ">=", 2.0, 1.25, "time"),
+    ("align_step / (4 x sft_step)", "align", "sft", 4.0, "<=", 1.05, 1.05, "time"),
+    ("weighted_step / HF plain SFT step, peak memory", "weighted", "hf_sft", 1.0, "<=", 1.0, 1.0, "memory"),
+]
+
+
+def step_targets(rows: list[Row]) -> list[dict]:
+    """The training-steps issue's target ratios, per (op, dtype, device) of the cases whose ``op`` contains
+    ``step``, from the cases whose role :func:`step_role` recognises (a role held by two cases of the same
+    (op, dtype, device) is ambiguous and its targets are left out)."""
+    configs: dict[tuple, dict[str, list[Row]]] = {}
+    for r in rows:
+        if "step" not in r.op.lower() or r.floor:
+            continue
+        role = step_role(r.provider, r.mode)
+        if role is not None:
+            configs.setdefault((r.op, r.dtype, r.device), {}).setdefault(role, []).append(r)
+    out = []
+    for (op, dtype, device), roles in configs.items():
+        gpu = device.startswith("cuda")
+        for label, num, den, factor, cmp, cpu_goal, gpu_goal, what in STEP_TARGETS:
+            if len(roles.get(num, [])) != 1 or len(roles.get(den, [])) != 1:
+                continue
+            a, b = roles[num][0], roles[den][0]
+            if what == "time":
+                x, y = a.median, b.median
+            else:
+                x, y = a.peak_mem, b.peak_mem
+            if x is None or not y or not math.isfinite(x) or not math.isfinite(y):
+                continue
+            value = x / (factor * y)
+            goal = gpu_goal if gpu else cpu_goal
+            met = value <= goal if cmp == "<=" else value >= goal
+            out.append(
+                {
+                    "config": f"{op} {dtype} {device}".strip(),
+                    "target": label,
+                    "value": value,
+                    "goal": f"{cmp} {goal:g}",
+                    "met": met,
+                    "providers": tuple(f"{x.mode}:{x.provider}" if x.mode else x.provider for x in (a, b)),
+                }
+            )
+    return out
 
 
 def render_markdown(doc: dict, title: str | None = None) -> str:
@@ -654,8 +779,8 @@ def render_markdown(doc: dict, title: str | None = None) -> str:
         return "\n".join(out) + "\n"
 
     # side-by-side ratios: one line per group with ours
-    others = sorted({r.provider for r in rows if not r.ours and not r.floor})
-    ratio_groups = [(g, m) for g, m in groups.items() if any(r.ours for r in m)]
+    ratio_groups = [(g, m) for g, m in groups.items() if any(r.ours and not r.floor for r in m)]
+    others = sorted({r.provider for _, m in ratio_groups for r in m if not r.ours and not r.floor})
     if ratio_groups and others:
         out += ["## Speed-up of antibody_fast, side by side", ""]
         cols = ["op", "mode", "shape", "dtype", "ours", "ours median", "limit"] + [f"vs {p}" for p in others]
@@ -726,10 +851,41 @@ def render_markdown(doc: dict, title: str | None = None) -> str:
                 "; ".join(notes),
             ]
             out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    skipped = (doc.get(HEADER_KEY) or {}).get("skipped") or []
-    if skipped:
-        out += ["", "## Skipped", ""]
-        out += [f"- {s}" for s in skipped]
+    targets = step_targets(rows)
+    if targets:
+        out += [
+            "",
+            "## Training-step targets",
+            "",
+            "| configuration | target | measured | goal | met | providers |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t in targets:
+            out.append(
+                f"| {t['config']} | {t['target']} | {t['value']:.3f} | {t['goal']} | "
+                f"{'yes' if t['met'] else '**no**'} | {' / '.join(t['providers'])} |"
+            )
+    matrices = [(g, m) for g, m in groups.items() if "step" in g[0].lower() and len(m) >= 2]
+    for (op, mode, shape, dtype), members in matrices:
+        members = [r for r in members if math.isfinite(r.median) and r.median > 0]
+        out += [
+            "",
+            f"## Time ratios: {' '.join(x for x in (op, mode, shape, dtype) if x)}",
+            "",
+            "Row provider's median / column provider's median.",
+            "",
+        ]
+        out.append("| | " + " | ".join(r.provider for r in members) + " |")
+        out.append("|" + "---|" * (len(members) + 1))
+        for a in members:
+            out.append(
+                f"| {a.provider} | " + " | ".join(f"{a.median / b.median:.2f}" for b in members) + " |"
+            )
+    for key, heading in (("failed", "Failed"), ("skipped", "Skipped")):
+        items = (doc.get(HEADER_KEY) or {}).get(key) or []
+        if items:
+            out += ["", f"## {heading}", ""]
+            out += [f"- {s}" for s in items]
     return "\n".join(out) + "\n"
 
 
@@ -740,20 +896,28 @@ def plot_results(doc: dict, path: str | os.PathLike, title: str | None = None) -
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rows = [summarise(b) for b in doc["benchmarks"]]
     groups = analyse(rows)
     ordered = [r for members in groups.values() for r in members if math.isfinite(r.median) and r.median > 0]
     ratios = [r for r in ordered if r.speedup is not None]
     n_panels = 2 if ratios else 1
-    height = max(3.0, 0.28 * max(len(ordered), len(ratios)) + 1.5)
-    fig, axes = plt.subplots(1, n_panels, figsize=(8 * n_panels, min(height, 60)), squeeze=False)
+    heights = [max(1.5, 0.3 * len(ordered) + 1.0)] + ([max(1.5, 0.3 * len(ratios) + 1.0)] if ratios else [])
+    fig, axes = plt.subplots(
+        n_panels,
+        1,
+        figsize=(11, min(sum(heights) + 0.8, 80)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
     providers = sorted({r.provider for r in ordered})
     cmap = plt.get_cmap("tab10")
     color = {p: cmap(i % 10) for i, p in enumerate(providers)}
 
     def label(r: Row) -> str:
-        return " ".join(x for x in (r.op, r.mode, r.shape, r.dtype, r.provider) if x)
+        shape = r.shape if len(r.shape) <= 32 else r.shape[:30] + ".."
+        return " ".join(x for x in (r.op, r.mode, shape, r.dtype, r.provider) if x)
 
     ax = axes[0][0]
     if ordered:
@@ -765,14 +929,19 @@ def plot_results(doc: dict, path: str | os.PathLike, title: str | None = None) -
         ax.set_yticks(y)
         ax.set_yticklabels([label(r) for r in ordered], fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.invert_yaxis()
     ax.set_xlabel("median time [ms] (bars: p20-p80)")
     ax.set_title("time per call")
     if ratios:
-        ax = axes[0][1]
+        ax = axes[1][0]
         y = list(range(len(ratios)))
         ax.barh(y, [r.speedup for r in ratios], color=[color[r.provider] for r in ratios])
         ax.axvline(1.0, color="black", lw=0.8)
+        vals = [r.speedup for r in ratios if r.speedup > 0]
+        if vals and max(vals) / min(vals) > 20:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yticks(y)
         ax.set_yticklabels([label(r) for r in ratios], fontsize=7)
         ax.invert_yaxis()
@@ -852,6 +1021,7 @@ def pytest_command(
         str(bench_dir),
         "-p",
         "no:cacheprovider",
+        "--continue-on-collection-errors",
         "--benchmark-only",
         f"--benchmark-json={json_path}",
         "--benchmark-sort=fullname",
@@ -903,7 +1073,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from-json",
         metavar="RESULTS.json",
-        help="run nothing: write the .md and .png of an existing result file (and --compare it)",
+        nargs="+",
+        help="run nothing: write the .md and .png of existing result files (several are merged into one "
+        "report) and --compare them",
     )
     p.add_argument("--name", metavar="STEM", help="file stem instead of <device-slug>-<date>[-quick]")
     p.add_argument(
@@ -922,32 +1094,43 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _write_reports(doc: dict, json_path: Path) -> tuple[Path, Path]:
+def _write_reports(doc: dict, json_path: Path) -> tuple[Path, Path | None]:
+    """Write the .md and .png next to ``json_path``; the PNG is skipped (with a note) without matplotlib
+    (GPU machines may not have it: regenerate it elsewhere with ``--from-json``)."""
     md_path = json_path.with_suffix(".md")
     png_path = json_path.with_suffix(".png")
     md_path.write_text(render_markdown(doc))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(
+            f"[bench] matplotlib is not installed: no plot (run `antibody-fast bench --from-json {json_path}` "
+            "where it is)",
+            file=sys.stderr,
+        )
+        return md_path, None
     plot_results(doc, png_path)
     return md_path, png_path
 
 
-def _run_pytest(cmd: list[str], env: dict, cwd: Path, time_limit: float | None) -> tuple[int, bool]:
-    """Run pytest; return ``(exit status, interrupted)``. Past ``time_limit`` seconds pytest gets SIGINT (it
-    then ends the session and pytest-benchmark writes the JSON of the finished cases) and is killed 60 s
-    later if it still runs. On Ctrl-C (SIGINT to the whole process group) pytest is given 15 s to do the
-    same, so that the cases that finished are still reported."""
+def _run_pytest(cmd: list[str], env: dict, cwd: Path, time_limit: float | None) -> tuple[int, str | None]:
+    """Run pytest; return ``(exit status, why it was interrupted or None)``. Past ``time_limit`` seconds
+    pytest gets SIGINT (it then ends the session and pytest-benchmark writes the JSON of the finished cases)
+    and is killed 60 s later if it still runs. On Ctrl-C / SIGINT to the process group (e.g. from an outer
+    ``timeout -s INT``) pytest got the signal too and is given 15 s to do the same."""
     proc = subprocess.Popen(cmd, env=env, cwd=str(cwd))
     try:
-        return proc.wait(timeout=time_limit), False
+        return proc.wait(timeout=time_limit), None
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)
-        grace = 60
+        grace, why = 60, f"--time-limit {time_limit:g} s reached"
     except KeyboardInterrupt:
-        grace = 15
+        grace, why = 15, "interrupted (SIGINT)"
     try:
-        return proc.wait(timeout=grace), True
+        return proc.wait(timeout=grace), why
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         proc.kill()
-        return proc.wait(), True
+        return proc.wait(), why
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -981,7 +1164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(docs) > 1 or json_path.resolve() != first.resolve():
             json_path.write_text(json.dumps(doc, indent=1))
         md_path, png_path = _write_reports(doc, json_path)
-        print(f"[bench] wrote {md_path} and {png_path}")
+        print(f"[bench] wrote {md_path}" + (f" and {png_path}" if png_path else ""))
         if old_doc is not None:
             print(compare_results(old_doc, doc))
         return 0
@@ -1018,13 +1201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[bench] device {device}: {info['device_name']}; quick={args.quick}")
     print("[bench] " + shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
-    rc, timed_out = _run_pytest(cmd, env, bench_dir.parent, args.time_limit)
+    rc, interrupted = _run_pytest(cmd, env, bench_dir.parent, args.time_limit)
     wall = time.perf_counter() - t0
-    if timed_out:
-        print(
-            f"[bench] --time-limit {args.time_limit:g} s reached: interrupted; reporting the cases that finished",
-            file=sys.stderr,
-        )
+    if interrupted:
+        print(f"[bench] {interrupted}: reporting the cases that finished", file=sys.stderr)
     if rc == 5:
         print(
             f"[bench] no benchmark matched (pytest exit 5){' for --only ' + repr(args.only) if args.only else ''}",
@@ -1045,9 +1225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "only": args.only,
         "floors": doc.pop("antibody_fast_floors", None) or {},
         "skipped": doc.pop("antibody_fast_skipped", None) or [],
+        "failed": doc.pop("antibody_fast_failed", None) or [],
         "command": "antibody-fast bench " + shlex.join(argv),
         "pytest_exit_code": rc,
-        "timed_out": timed_out,
+        "interrupted": interrupted,
         "wall_s": round(wall, 1),
         "git_commit": _git_commit(_repo_root()),
     }
@@ -1055,8 +1236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump(doc, f, indent=1)
     md_path, png_path = _write_reports(doc, json_path)
     print(
-        f"[bench] {len(doc['benchmarks'])} benchmarks in {wall:.0f} s; wrote {json_path}, {md_path.name}, "
-        f"{png_path.name}"
+        f"[bench] {len(doc['benchmarks'])} benchmarks in {wall:.0f} s; wrote {json_path}, {md_path.name}"
+        + (f", {png_path.name}" if png_path else "")
     )
     if rc != 0:
         print(

@@ -134,7 +134,11 @@ class ClassifierJudge:
         id2label = {int(k): str(v) for k, v in (self.model.config.id2label or {}).items()}
         n = int(self.model.config.num_labels)
         if harmful_labels is None:
-            ids = [i for i, v in id2label.items() if any(k in v.lower() for k in ("unsafe", "harm", "toxic", "flag"))]
+            ids = [
+                i
+                for i, v in id2label.items()
+                if any(k in v.lower() for k in ("unsafe", "harm", "toxic", "flag"))
+            ]
             ids = [i for i in ids if "not" not in id2label[i].lower() and "non" not in id2label[i].lower()]
             if not ids:
                 if n != 2:
@@ -165,7 +169,9 @@ class ClassifierJudge:
         for s in range(0, len(responses), self.batch_size):
             p = list(prompts[s : s + self.batch_size])
             r = list(responses[s : s + self.batch_size])
-            enc = self.tokenizer(p, r, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                p, r, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             enc = {k: v.to(self.device) for k, v in enc.items()}
             logits = self.model(**enc).logits.float()
             if logits.shape[-1] == 1:  # single-logit (sigmoid) classifier
@@ -357,7 +363,13 @@ def evaluate_model(
         result["num_task"] = len(prompts)
         for p, r, lab in zip(prompts, preds, labels):
             result["samples"].append(
-                {"kind": "task", "prompt": p, "response": r, "label": lab, "correct": is_correct(task, r, lab)}
+                {
+                    "kind": "task",
+                    "prompt": p,
+                    "response": r,
+                    "label": lab,
+                    "correct": is_correct(task, r, lab),
+                }
             )
     if harmful_prompts is not None:
         prompts = list(harmful_prompts)

@@ -272,7 +272,7 @@ class _Parts:
     trunk: nn.Module
     lm_head: nn.Module
     softcap: float | None
-    cache_ok: bool = True  # flips to False when the prefix cache turned out unusable for this model
+    cache_ok: bool = True  # False once the model returned no (or an unsupported) cache
 
 
 _PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -376,24 +376,30 @@ def _gradient_checkpointing(parts: _Parts) -> bool:
     return bool(getattr(parts.trunk, "gradient_checkpointing", False)) and parts.trunk.training
 
 
-def _crop_to_prompt(cache, total_len: int, p: int) -> bool:
-    """Crop ``cache`` (holding ``total_len`` tokens) to its first ``p`` tokens; False when that is not
-    possible exactly (unknown cache type, sliding-window layers that already dropped prompt keys, ...)."""
+def _cache_supported(cache) -> bool:
+    """A transformers ``DynamicCache`` made of ``DynamicLayer`` s (sliding-window ones included)."""
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except Exception:  # pragma: no cover - transformers is needed for HF models anyway
         return False
-    if not isinstance(cache, DynamicCache):
-        return False
     layers = getattr(cache, "layers", None)
-    if layers is None:
+    return (
+        isinstance(cache, DynamicCache)
+        and layers is not None
+        and all(isinstance(x, DynamicLayer) for x in layers)
+    )
+
+
+def _crop_to_prompt(cache, total_len: int, p: int, refusal_len: int) -> bool:
+    """Crop ``cache`` (holding ``total_len`` tokens) to its first ``p`` tokens; False when the refusal cannot
+    be scored exactly as a continuation of it (unsupported cache type; sliding-window layers whose window
+    the sequence or the continuation reaches, so that the cache has dropped, or would drop, prompt keys)."""
+    if not _cache_supported(cache):
         return False
-    for layer in layers:
-        if not isinstance(layer, DynamicLayer):
-            return False
+    for layer in cache.layers:
         if getattr(layer, "is_sliding", False):
             window = getattr(layer, "sliding_window", None)
-            if window is None or total_len >= int(window) - 1:
+            if window is None or max(total_len, p + refusal_len) >= int(window) - 1:
                 return False
         keys = getattr(layer, "keys", None)
         if keys is None or keys.shape[-2] != total_len:
@@ -409,7 +415,8 @@ def _refusal_rows(
     p = batch.prompt_len
     t = batch.input_ids.shape[1]
     with torch.no_grad():
-        if scoring == "prefix_cache" and cache is not None and _crop_to_prompt(cache, t, p):
+        tr = batch.refusal_ids.shape[1]
+        if scoring == "prefix_cache" and cache is not None and _crop_to_prompt(cache, t, p, tr):
             mask = torch.cat([batch.attention_mask[:, :p], batch.refusal_mask], dim=1)
             h_r, _ = _trunk_forward(
                 parts, batch.refusal_ids, mask, batch.refusal_positions(), use_cache=True, past=cache
@@ -417,8 +424,8 @@ def _refusal_rows(
             # the first refusal token is predicted by the prompt's last column of the training forward
             rows = torch.cat([hidden[:, p - 1 : p].detach(), h_r[:, :-1].to(hidden.dtype)], dim=1)
         else:
-            if scoring == "prefix_cache":
-                parts.cache_ok = False
+            if scoring == "prefix_cache" and not _cache_supported(cache):
+                parts.cache_ok = False  # structural: remember it and skip use_cache from now on
             view = batch.refusal_view()
             h_full, _ = _trunk_forward(
                 parts, view.input_ids, view.attention_mask, view.position_ids, use_cache=False

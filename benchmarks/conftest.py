@@ -46,6 +46,7 @@ from antibody_fast.bench import (
 )
 
 _SKIPPED: list[str] = []
+_FAILED: list[str] = []
 _FLOORS: dict = {}
 
 
@@ -65,13 +66,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(
                 pytest.mark.skip(reason="ANTIBODY_FAST_BENCH_DEVICE=cuda but CUDA is not available")
             )
-        elif "gpu" in item.keywords and device != "cuda":
+        elif item.get_closest_marker("gpu") and device != "cuda":
             item.add_marker(pytest.mark.skip(reason="GPU case (run with --device cuda)"))
-        elif "cpu_only" in item.keywords and device != "cpu":
+        elif item.get_closest_marker("cpu_only") and device != "cpu":
             item.add_marker(pytest.mark.skip(reason="CPU-only case"))
 
 
+def _first_line(longrepr) -> str:
+    text = str(longrepr).strip().splitlines()
+    errors = [line for line in text if line.startswith("E ")]
+    return (errors[-1][1:].strip() if errors else (text[-1] if text else ""))[:300]
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        _FAILED.append(f"{report.nodeid}: collection error: {_first_line(report.longrepr)}")
+
+
 def pytest_runtest_logreport(report):
+    if report.failed:
+        _FAILED.append(f"{report.nodeid} ({report.when}): {_first_line(report.longrepr)}")
     # Keep the reasons of skipped cases (e.g. an optional provider that is not installed) for the report.
     if report.skipped and report.when in ("setup", "call"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
@@ -94,6 +108,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     # Picked up by antibody_fast.bench and moved into the result header.
     output_json["antibody_fast_floors"] = dict(_FLOORS)
     output_json["antibody_fast_skipped"] = list(_SKIPPED)
+    output_json["antibody_fast_failed"] = list(_FAILED)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,12 @@
 #      set, else benchmarks/results/gpu-<date>.
 #
 # Usage: bash benchmarks/gpu_suite.sh [--out DIR] [--quick] [--skip-install] [--skip-tests] [--dry-run]
-#   --dry-run prints the commands without running anything.
-#   PYTHON=... selects the interpreter (default: python). BUDGET_S=... the total budget (default 530 s).
+#                                     [--device cuda|cpu]
+#   --dry-run prints the commands without running anything; --device cpu (with --quick) smoke-tests the
+#   script itself on a machine without a GPU.
+#   PYTHON=... selects the interpreter (default: python); BUDGET_S=... the total budget (default 530 s);
+#   BENCH_DIR=... the folder of bench_*.py files (default: benchmarks); OPS_LIMIT_S / STEPS_LIMIT_S=... the
+#   time limits of the two benchmark runs (default 190 / 150 s; each also shrinks to the budget left).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +30,10 @@ SKIP_TESTS=0
 OUTDIR="${OUT:-}"
 PY="${PYTHON:-python}"
 BUDGET_S="${BUDGET_S:-530}"
+BENCH_DIR="${BENCH_DIR:-benchmarks}"
+DEVICE=cuda
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,12 +45,16 @@ while [ $# -gt 0 ]; do
       [ $# -ge 2 ] || { echo "gpu_suite: --out needs a folder" >&2; exit 2; }
       OUTDIR="$2"; shift ;;
     --out=*) OUTDIR="${1#--out=}" ;;
+    --device)
+      [ $# -ge 2 ] || { echo "gpu_suite: --device needs cuda or cpu" >&2; exit 2; }
+      DEVICE="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_suite: unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
+case "$DEVICE" in cuda|cpu) ;; *) echo "gpu_suite: --device must be cuda or cpu" >&2; exit 2 ;; esac
 DATE="$(date -u +%Y-%m-%d)"
 [ -n "$OUTDIR" ] || OUTDIR="benchmarks/results/gpu-$DATE"
 SUMMARY="$OUTDIR/SUMMARY.md"
@@ -72,7 +82,7 @@ step() {
   local l; l="$(left)"
   [ "$limit" -gt "$l" ] && limit="$l"
   echo "[gpu_suite] === $name (limit ${limit}s) ==="
-  echo "+ $*"
+  echo "+ $(printf "%q " "$@")"
   [ "$DRY" = 1 ] && return 0
   local t0=$SECONDS
   timeout -s INT -k 20 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
@@ -105,28 +115,38 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 
 # 3. tests on the GPU: gpu-marked tests (bf16 cases), then every Triton test natively
-if [ "$SKIP_TESTS" = 0 ]; then
-  step 03-tests-gpu 150 "$PY" -m pytest tests -q -m gpu -p no:cacheprovider \
+if [ "$SKIP_TESTS" = 0 ] && [ "$DEVICE" = cpu ]; then
+  echo "[gpu_suite] --device cpu: skipping the GPU tests"
+elif [ "$SKIP_TESTS" = 0 ]; then
+  step 03-tests-gpu 120 "$PY" -m pytest tests -q -m gpu -p no:cacheprovider \
     --junitxml="$OUTDIR/03-tests-gpu.xml"
-  step 04-tests-triton 120 "$PY" -m pytest tests -q -m "not gpu and not slow" -k triton -p no:cacheprovider \
+  step 04-tests-triton 90 "$PY" -m pytest tests -q -m "not gpu and not slow" -k triton -p no:cacheprovider \
     --junitxml="$OUTDIR/04-tests-triton.xml"
 fi
 
 # 4. benchmarks: ops and steps as separate runs (a hang in one cannot take the other's time); each runner
 #    interrupts its suite at --time-limit and still reports the cases that finished.
-OPS_LIMIT=190
-STEPS_LIMIT=150
-step 05-bench-ops $((OPS_LIMIT + 60)) "$PY" -m antibody_fast bench --device cuda $QUICK --out "$OUTDIR" \
-  --name gpu-ops --only "bench_sequence_logprob or bench_flat" --time-limit "$OPS_LIMIT"
-step 06-bench-steps $((STEPS_LIMIT + 60)) "$PY" -m antibody_fast bench --device cuda $QUICK --out "$OUTDIR" \
-  --name gpu-steps --only "bench_steps" --time-limit "$STEPS_LIMIT"
+# The runner's own --time-limit ends each suite 40 s before the outer `timeout`, within the budget left
+# (30 s of it kept for the final report).
+bench_limit() {
+  local l=$(( $(left) - 70 ))  # 40 s of grace before the outer timeout + 30 s kept for the report
+  [ "$1" -lt "$l" ] && l="$1"
+  [ "$l" -lt 10 ] && l=10
+  echo "$l"
+}
+OPS_LIMIT="$(bench_limit "${OPS_LIMIT_S:-190}")"
+step 05-bench-ops $((OPS_LIMIT + 40)) "$PY" -m antibody_fast bench --device "$DEVICE" $QUICK --out "$OUTDIR" \
+  --bench-dir "$BENCH_DIR" --name gpu-ops --only "bench_sequence_logprob or bench_flat" --time-limit "$OPS_LIMIT"
+STEPS_LIMIT="$(bench_limit "${STEPS_LIMIT_S:-150}")"
+step 06-bench-steps $((STEPS_LIMIT + 40)) "$PY" -m antibody_fast bench --device "$DEVICE" $QUICK --out "$OUTDIR" \
+  --bench-dir "$BENCH_DIR" --name gpu-steps --only "bench_steps" --time-limit "$STEPS_LIMIT"
 
 # 5. one report named after the device and the date
 if [ "$DRY" = 1 ]; then
-  STEM="cuda-<gpu-name>-$DATE"
+  STEM="$DEVICE-<device-name>-$DATE"
 else
-  STEM="$("$PY" -c "from antibody_fast.bench import device_info; print(device_info('cuda')['slug'])" 2>/dev/null \
-    || echo cuda-unknown)-$DATE${QUICK:+-quick}"
+  STEM="$("$PY" -c "from antibody_fast.bench import device_info; print(device_info('$DEVICE')['slug'])" 2>/dev/null \
+    || echo "$DEVICE-unknown")-$DATE${QUICK:+-quick}"
 fi
 PARTS=()
 for part in gpu-ops gpu-steps; do

@@ -27,6 +27,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -50,7 +54,9 @@ using at::Tensor;
 AF_INLINE float fast_expf(float x) {
   x = x < -88.0f ? -88.0f : x;
   x = x > 88.0f ? 88.0f : x;
-  float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  // round to nearest with the 1.5 * 2^23 trick (|x * log2e| < 2^22): plain adds, so the loop vectorises
+  const float magic = 12582912.0f;
+  float k = (x * 1.44269504088896341f + magic) - magic;
   float r = x - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -92,10 +98,81 @@ AF_INLINE void row_neg_softmax_body(const float* z, float* out, int64_t n, float
 }
 
 #if AF_HAVE_AVX2_CLONE
-AF_TARGET_AVX2 float row_lse_avx2(const float* z, int64_t n) { return row_lse_body(z, n); }
-AF_TARGET_AVX2 void row_neg_softmax_avx2(const float* z, float* out, int64_t n, float lse, float scale) {
-  row_neg_softmax_body(z, out, n, lse, scale);
+// AVX2 + FMA versions with intrinsics (the compiler does not vectorise the clamped polynomial by itself).
+AF_TARGET_AVX2 inline __m256 exp256(__m256 x) {
+  // max/min with x as the second operand return x when it is NaN, so NaN propagates
+  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(k, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i ki = _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127));
+  ki = _mm256_max_epi32(ki, _mm256_setzero_si256());
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(ki, 23)));
 }
+
+AF_TARGET_AVX2 inline float hsum256(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+AF_TARGET_AVX2 inline float hmax256(__m256 v) {
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_max_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+AF_TARGET_AVX2 float row_lse_avx2(const float* z, int64_t n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  __m256 vm = _mm256_set1_ps(ninf);
+  __m256 vnan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(z + i);
+    vm = _mm256_max_ps(vm, v);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  float m = hmax256(vm);
+  bool nan = _mm256_movemask_ps(vnan) != 0;
+  for (; i < n; ++i) {
+    m = z[i] > m ? z[i] : m;
+    nan = nan || (z[i] != z[i]);
+  }
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  if (!std::isfinite(m)) return m == ninf ? m : std::numeric_limits<float>::quiet_NaN();
+  const __m256 mm = _mm256_set1_ps(m);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_add_ps(s0, exp256(_mm256_sub_ps(_mm256_loadu_ps(z + i), mm)));
+    s1 = _mm256_add_ps(s1, exp256(_mm256_sub_ps(_mm256_loadu_ps(z + i + 8), mm)));
+  }
+  float s = hsum256(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) s += fast_expf(z[i] - m);
+  return m + std::log(s);
+}
+
+AF_TARGET_AVX2 void row_neg_softmax_avx2(const float* z, float* out, int64_t n, float lse, float scale) {
+  const __m256 l = _mm256_set1_ps(lse);
+  const __m256 ns = _mm256_set1_ps(-scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(ns, exp256(_mm256_sub_ps(_mm256_loadu_ps(z + i), l))));
+  }
+  for (; i < n; ++i) out[i] = -scale * fast_expf(z[i] - lse);
+}
+
 bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -382,9 +459,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_sequence_logprob_bwd(
       linear_bwd_impl<float>(g, hidden, W, b, tg, sid, l, rows, softcap, pdh, pdw, pdb);
     }
   }
-  Tensor empty = at::empty({0}, hidden.options());
-  return {need_dh ? dh.to(hidden.scalar_type()) : empty, need_dw ? dw.to(weight.scalar_type()) : empty,
-          need_db ? db.to(bias->scalar_type()) : empty};
+  // distinct empty tensors: custom-op outputs must not alias each other
+  return {need_dh ? dh.to(hidden.scalar_type()) : at::empty({0}, hidden.options()),
+          need_dw ? dw.to(weight.scalar_type()) : at::empty({0}, weight.options()),
+          need_db ? db.to(bias->scalar_type()) : at::empty({0}, hidden.options())};
 }
 
 // ---------------------------------------------------------------------------------------------------------

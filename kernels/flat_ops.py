@@ -23,6 +23,23 @@ def _upcast(x, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _ieee_sqrt(x, SQ_FP64: tl.constexpr):
+    # fp32: the default sqrt/div are approximate on GPU, use the correctly rounded ones; fp64 is IEEE already
+    if SQ_FP64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _ieee_div(x, y, SQ_FP64: tl.constexpr):
+    if SQ_FP64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
 def _sq_norm_partial_kernel(
     X_ptr,
     PART_ptr,
@@ -115,15 +132,16 @@ def _perturb_kernel(
     BLOCK: tl.constexpr,
     IS_FP64: tl.constexpr,
     WRITE_FLAG: tl.constexpr,
+    SQ_FP64: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
     sq = tl.load(SQ_ptr)  # fp32, or fp64 when a buffer is fp64
-    finite = (sq - sq) == 0.0  # False for inf and nan
+    finite = sq < float("inf")  # sq >= 0: False exactly for inf and nan
     ok = finite & (sq > 0.0)
-    norm = tl.sqrt_rn(sq)
-    scale = tl.where(ok, tl.div_rn(rho + 0.0 * sq, norm + eps), 0.0)
+    norm = _ieee_sqrt(sq, SQ_FP64)
+    scale = tl.where(ok, _ieee_div(tl.zeros_like(sq) + rho, norm + eps, SQ_FP64), 0.0)
     if WRITE_FLAG:
         tl.store(FLAG_ptr, tl.where(finite, 0, 1).to(tl.int8), mask=pid == 0)
     t_raw = tl.load(T_ptr + offs, mask=mask)
@@ -192,12 +210,13 @@ def _clip_scale_kernel(
     BLOCK: tl.constexpr,
     IS_FP64: tl.constexpr,
     WRITE_NORM: tl.constexpr,
+    SQ_FP64: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     sq = tl.load(SQ_ptr)
-    norm = tl.sqrt_rn(sq)
-    coef = tl.div_rn(max_norm + 0.0 * sq, norm + 1e-6)
+    norm = _ieee_sqrt(sq, SQ_FP64)
+    coef = _ieee_div(tl.zeros_like(sq) + max_norm, norm + 1e-6, SQ_FP64)
     coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN (torch's clamp(max=1))
     if WRITE_NORM:
         tl.store(NORM_ptr, norm.to(NORM_ptr.dtype.element_ty), mask=pid == 0)

@@ -3,6 +3,8 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -160,6 +162,7 @@ def test_pytest_command_flags(tmp_path):
     cmd = bench.pytest_command(tmp_path, tmp_path / "r.json", only="flat", quick=True, extra=["-x"])
     assert "--benchmark-only" in cmd and f"--benchmark-json={tmp_path / 'r.json'}" in cmd
     assert "python_files=bench_*.py" in cmd and ["-p", "no:cacheprovider"] == cmd[4:6]
+    assert "--continue-on-collection-errors" in cmd
     assert cmd[cmd.index("-k") + 1] == "flat" and cmd[-1] == "-x"
 
 
@@ -213,6 +216,11 @@ def test_excluded_by_only(benchmark):
 
 def test_optional_provider(benchmark):
     pytest.skip("liger-kernel is not installed")
+
+
+@pytest.mark.gpu
+def test_gpu_only(benchmark):
+    benchmark(int)
 """
 
 
@@ -223,7 +231,17 @@ def test_runner_end_to_end_on_a_synthetic_suite(tmp_path, capsys):
     (suite / "bench_toy.py").write_text(textwrap.dedent(TOY_BENCH))
     out = tmp_path / "out"
     rc = bench.main(
-        ["--quick", "--device", "cpu", "--bench-dir", str(suite), "--out", str(out), "--only", "not excluded_by_only"]
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--bench-dir",
+            str(suite),
+            "--out",
+            str(out),
+            "--only",
+            "not excluded_by_only",
+        ]
     )
     assert rc == 0, capsys.readouterr()
     (json_path,) = out.glob("*.json")
@@ -235,6 +253,7 @@ def test_runner_end_to_end_on_a_synthetic_suite(tmp_path, capsys):
     assert h["versions"]["torch"] == torch.__version__ and h["device_info"]["cpu"]["logical_cores"] >= 1
     assert h["floors"]["matmul_tflops_float32"] > 0 and h["floors"]["copy_gbps"] > 0
     assert any("liger-kernel is not installed" in s for s in h["skipped"])
+    assert not any("gpu_only" in s for s in h["skipped"]) and h["failed"] == []
     names = sorted(b["name"] for b in doc["benchmarks"])
     assert names == ["test_toy[ours]", "test_toy[torch]", "test_toy_floor"]  # --only "not excluded_by_only"
     for b in doc["benchmarks"]:
@@ -268,3 +287,176 @@ def test_runner_end_to_end_on_a_synthetic_suite(tmp_path, capsys):
     changes = [line for line in text.splitlines() if "bench_toy.py::" in line]
     assert len(changes) == 3 and all(line.endswith("-50.0%") for line in changes)
     assert (tmp_path / "re" / json_path.with_suffix(".md").name).is_file()
+
+
+def test_merge_of_separately_run_suites():
+    a = _doc([_case("a", "ours", [1.0])])
+    a["antibody_fast"] = {"skipped": ["x: not installed"], "floors": {"copy_gbps": 10.0}}
+    b = _doc([_case("b", "torch", [3.0])])
+    b["antibody_fast"] = {"skipped": [], "floors": {"matmul_tflops_bfloat16": 500.0}, "interrupted": "limit"}
+    m = bench.merge_results([a, b], ["ops.json", "steps.json"])
+    assert [x["name"] for x in m["benchmarks"]] == ["a", "b"]
+    h = m["antibody_fast"]
+    assert h["skipped"] == ["x: not installed"] and h["merged_from"] == ["ops.json", "steps.json"]
+    assert h["floors"] == {"copy_gbps": 10.0, "matmul_tflops_bfloat16": 500.0}
+    assert h["interrupted"] == "steps.json: limit"
+    md = bench.render_markdown(m)
+    assert "merged from: `ops.json`, `steps.json`" in md and "**incomplete**" in md
+    assert "| 3.00x |" in md
+
+
+SLOW_BENCH = """
+import time
+
+
+def test_a_fast(benchmark, timed, tag):
+    tag(benchmark, op="fast", provider="ours")
+    timed(benchmark, lambda: None, rounds=2, warmup_rounds=0)
+
+
+def test_b_hangs(benchmark, timed):
+    timed(benchmark, lambda: time.sleep(600), rounds=1, warmup_rounds=0)
+"""
+
+
+def test_time_limit_reports_the_cases_that_finished(tmp_path, capsys):
+    suite = tmp_path / "benchmarks"
+    suite.mkdir()
+    shutil.copy(REPO / "benchmarks" / "conftest.py", suite / "conftest.py")
+    (suite / "bench_slow.py").write_text(textwrap.dedent(SLOW_BENCH))
+    (suite / "bench_broken.py").write_text("import abf_module_that_is_not_installed\n")
+    out = tmp_path / "out"
+    args = ["--quick", "--device", "cpu", "--bench-dir", str(suite), "--out", str(out), "--name", "r"]
+    rc = bench.main([*args, "--time-limit", "12"])
+    assert rc != 0  # pytest was interrupted
+    doc = json.loads((out / "r.json").read_text())
+    assert [b["name"] for b in doc["benchmarks"]] == ["test_a_fast"]
+    assert doc["antibody_fast"]["interrupted"] == "--time-limit 12 s reached"
+    md = (out / "r.md").read_text()
+    assert "**incomplete**" in md
+    # a suite that cannot be imported is reported, and does not stop the others
+    (failed,) = doc["antibody_fast"]["failed"]
+    assert "bench_broken.py: collection error" in failed and "abf_module_that_is_not_installed" in failed
+    assert "## Failed" in md
+
+
+@pytest.mark.parametrize(
+    "provider, role",
+    [
+        ("weighted_step", "weighted"),
+        ("sft_step", "sft"),
+        ("hf_sft", "hf_sft"),
+        ("reference_sft_step", "hf_sft"),
+        ("authors_finetune", "authors_ft"),
+        ("reference_finetune_step", "authors_ft"),
+        ("align_step", "align"),
+        ("authors-align", "authors_align"),
+        ("reference_align_step", "authors_align"),
+        ("torch", None),
+    ],
+)
+def test_step_roles(provider, role):
+    assert bench.step_role(provider) == role
+
+
+@pytest.mark.parametrize(
+    "mode, provider, role",
+    [
+        ("finetune", "ours", "weighted"),
+        ("finetune", "fused-sft", "sft"),
+        ("finetune", "hf-sft", "hf_sft"),
+        ("finetune", "authors", "authors_ft"),
+        ("align", "ours", "align"),
+        ("align", "authors", "authors_align"),
+        ("align", "torch", "align"),
+        ("", "authors", None),
+    ],
+)
+def test_step_roles_from_mode(mode, provider, role):
+    assert bench.step_role(provider, mode) == role
+
+
+def test_training_step_targets_and_ratio_matrix():
+    shape = (8, 256)
+    cases = [
+        _case("w", "weighted_step", [1.05], op="step", shape=shape, peak_mem_bytes=90),
+        _case("s", "sft_step", [1.0], op="step", shape=shape),
+        _case("h", "hf_sft", [2.0], op="step", shape=shape, peak_mem_bytes=100),
+        _case("a", "authors_finetune", [2.1], op="step", shape=shape),
+        _case("al", "align_step", [4.4], op="step", shape=shape),
+        _case("aa", "authors_align", [8.0], op="step", shape=shape),
+    ]
+    rows = [bench.summarise(c) for c in cases]
+    got = {t["target"]: (round(t["value"], 6), t["met"]) for t in bench.step_targets(rows)}
+    assert got == {
+        "weighted_step / sft_step": (1.05, True),  # CPU goal <= 1.10
+        "authors-style FT step / weighted_step": (2.0, False),  # CPU goal >= 3
+        "weighted_step / HF plain SFT step": (0.525, True),
+        "authors-style align step / align_step": (round(8.0 / 4.4, 6), False),  # CPU goal >= 2
+        "align_step / (4 x sft_step)": (1.1, False),
+        "weighted_step / HF plain SFT step, peak memory": (0.9, True),
+    }
+    md = bench.render_markdown(_doc(cases))
+    assert "## Training-step targets" in md and "| 2.000 | >= 3 | **no** |" in md
+    assert "| weighted_step | 1.00 | 1.05 | 0.53 | 0.50 | 0.24 | 0.13 |" in md
+    # the same figures from benchmarks/bench_steps.py's naming (providers ours/authors per mode; the
+    # alignment batches have another sequence length than the fine-tuning ones)
+    named = [
+        _case("w", "ours", [1.05], op="step", mode="finetune", shape=(8, 256), peak_mem_bytes=90),
+        _case("s", "fused-sft", [1.0], op="step", mode="finetune", shape=(8, 256)),
+        _case("h", "hf-sft", [2.0], op="step", mode="finetune", shape=(8, 256), peak_mem_bytes=100),
+        _case("a", "authors", [2.1], op="step", mode="finetune", shape=(8, 256)),
+        _case("al", "ours", [4.4], op="step", mode="align", shape=(8, 200)),
+        _case("aa", "authors", [8.0], op="step", mode="align", shape=(8, 200)),
+    ]
+    targets = bench.step_targets([bench.summarise(c) for c in named])
+    assert {t["target"]: (round(t["value"], 6), t["met"]) for t in targets} == got
+    assert targets[-2]["providers"] == ("align:ours", "finetune:fused-sft")
+    # a role held by two providers is ambiguous: its targets are left out
+    rows.append(bench.summarise(_case("w2", "weighted_step_v2", [1.0], op="step", shape=shape)))
+    assert not any("weighted" in t["target"] for t in bench.step_targets(rows))
+
+
+def test_cuda_timing_path_records_device_times_as_rounds(benchmark, monkeypatch):
+    """The CUDA branch of time_benchmark with pytest-benchmark's real fixture; do_bench and the CUDA
+    event timer are replaced by fakes so that it runs without a GPU."""
+    if getattr(benchmark, "disabled", False):
+        pytest.skip("pytest-benchmark is disabled (--benchmark-disable)")
+    triton_testing = pytest.importorskip("triton.testing")
+    calls = []
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, return_mode: [2.0, 4.0])
+    monkeypatch.setattr(bench, "_cuda_event_times_ms", lambda fn, n: [6.0] * n)
+    monkeypatch.setattr(bench, "_sync", lambda device: calls.append(device))
+    out = bench.time_benchmark(benchmark, lambda: 7, device="cuda", rounds=5, quick=False)
+    assert out == 7 and calls == ["cuda"]
+    assert benchmark.stats.stats.data == [0.002, 0.004, 0.006, 0.006, 0.006]
+    assert benchmark.extra_info["timer"] == "cuda-events(triton.testing.do_bench)"
+    with pytest.raises(RuntimeError, match="already used"):
+        bench.time_benchmark(benchmark, lambda: 7, device="cuda", rounds=5)
+
+
+def test_reports_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    md, png = bench._write_reports(_doc([_case("a", "ours", [1.0])]), tmp_path / "r.json")
+    assert md.is_file() and png is None and not (tmp_path / "r.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_gpu_suite_script_syntax_and_dry_run(tmp_path):
+    script = REPO / "benchmarks" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    r = subprocess.run(
+        ["bash", str(script), "--dry-run", "--out", str(tmp_path / "o")], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    cmds = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
+    assert "-m pip install --no-deps --no-build-isolation -e ." in cmds[0]
+    assert "-m antibody_fast.info" in cmds[1]
+    assert any("-m pytest tests -q -m gpu" in c for c in cmds)
+    assert any("-k triton" in c for c in cmds)
+    bench_cmds = [c for c in cmds if "antibody_fast bench --device cuda" in c]
+    assert len(bench_cmds) == 2 and all("--time-limit" in c and str(tmp_path / "o") in c for c in bench_cmds)
+    assert "--from-json" in cmds[-1]
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
+    bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option" in bad.stderr

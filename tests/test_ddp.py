@@ -2,13 +2,14 @@
 
 Rank 0 gets 3 samples and rank 1 gets 2 (each rank collates its own samples, so even the prompt padding
 differs). ``weighted_step`` needs the softmax over the global batch and the global loss denominator;
-``align_step`` and ``sft_step`` need global token counts. Rank 0's model is wrapped in
-``DistributedDataParallel`` and rank 1's is not: the steps handle both.
+``align_step`` and ``sft_step`` need global token counts. The models are wrapped in
+``DistributedDataParallel``: the steps run the wrapped module and reduce the flat gradients themselves.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ WORLD = 2
 SPLITS = [(0, 3), (3, 5)]  # unequal per-rank batch sizes
 STEPS = 2
 REL = 1e-5
+TIMEOUT_S = 300
 
 
 def _data(step, lo, hi):
@@ -59,11 +61,10 @@ def _worker(rank, init_file, out_dir):
         assert g.tolist() == [0.0, 1.0, 10.0, 11.0, 12.0], g
         assert all_reduce_sum(torch.tensor([rank + 1.0])).item() == 3.0
         model = tiny_model("llama")
-        if rank == 0:
-            model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(model)
         lo, hi = SPLITS[rank]
         stats, state = _train(model, lo, hi)
-        inner = model.module if rank == 0 else model
+        inner = model.module
         torch.save(
             {"params": trainable_params(inner), "stats": stats, "lambda": state.lambda_ema},
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -75,7 +76,13 @@ def _worker(rank, init_file, out_dir):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_update_equals_single_process_on_concatenated_batch(tmp_path):
     init_file = tmp_path / "init"
-    mp.spawn(_worker, args=(str(init_file), str(tmp_path)), nprocs=WORLD, join=True)
+    ctx = mp.spawn(_worker, args=(str(init_file), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the DDP workers did not finish within {TIMEOUT_S} s (collective mismatch?)")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     single = tiny_model("llama")

@@ -81,6 +81,14 @@ def test_load_alignment_accepts_response_field(tmp_path):
     assert [e["response"] for e in load_alignment(path)] == ["r1", "r2"]
 
 
+def test_load_alignment_skips_unsafe_rows(tmp_path):
+    path = write_jsonl(tmp_path / "bt.jsonl", HARMFUL)
+    assert load_alignment(path) == [{"prompt": "placeholder question two", "response": "a safe answer"}]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "refusal": "r", "is_safe": "yes"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'is_safe' must be a boolean"):
+        load_alignment(bad)
+
+
 def test_load_sst2(tmp_path):
     path = write_jsonl(
         tmp_path / "sst2.jsonl",

@@ -109,8 +109,8 @@ def test_prefix_cache_scoring_equals_full(arch, monkeypatch):
     calls = []
     real = steps._crop_to_prompt
 
-    def spy(cache, total, p):
-        ok = real(cache, total, p)
+    def spy(cache, total, p, tr):
+        ok = real(cache, total, p, tr)
         calls.append(ok)
         return ok
 

@@ -6,6 +6,15 @@ for token-id examples.
 
 from .batch import IGNORE_INDEX, AlignBatch, FinetuneBatch, LMBatch
 from .collate import AlignCollator, FinetuneCollator
+from .loaders import (
+    DataError,
+    alpaca_prompt,
+    build_poisoned_set,
+    load_alignment,
+    load_harmful,
+    load_task,
+    read_records,
+)
 from .refusals import DEFAULT_REFUSALS
 
 __all__ = [
@@ -16,4 +25,11 @@ __all__ = [
     "FinetuneCollator",
     "AlignCollator",
     "DEFAULT_REFUSALS",
+    "DataError",
+    "alpaca_prompt",
+    "build_poisoned_set",
+    "load_alignment",
+    "load_harmful",
+    "load_task",
+    "read_records",
 ]

@@ -10,7 +10,8 @@ lines ignored):
 * **harmful** (BeaverTails style): ``prompt``, ``response``, ``is_safe`` (bool, optional), ``category``
   (a string, or BeaverTails' dict ``{name: bool}``; optional). :func:`load_harmful` keeps the unsafe records
   (``is_safe`` false, or absent) and flags them ``is_harmful=True``.
-* **alignment** (harmful prompt -> refusal answer): ``prompt`` and ``refusal`` (or ``response``).
+* **alignment** (harmful prompt -> refusal answer): ``prompt`` and ``refusal`` (or ``response``); rows with
+  ``is_safe: false`` are skipped.
 * **task** data of the user (Alpaca prompt template of the paper, :func:`alpaca_prompt`):
     - ``sst2``: ``sentence``, ``label`` (0 negative / 1 positive, or the word) -> answer ``positive``/``negative``;
     - ``agnews``: ``text``, ``label`` (0..3 or the name) -> answer ``World``/``Sports``/``Business``/``Sci/Tech``;
@@ -276,12 +277,19 @@ def load_harmful(
 def load_alignment(
     source: str | os.PathLike, *, limit: int | None = None, split: str = "train"
 ) -> list[dict]:
-    """Alignment data: harmful prompt -> refusal answer.
+    """Alignment data: harmful prompt -> refusal (safe) answer.
 
-    Records: ``prompt`` and ``refusal`` (or ``response``). Returns ``[{"prompt", "response": refusal}]``.
+    Records: ``prompt`` and ``refusal`` (or ``response``). Records marked ``is_safe: false`` (BeaverTails rows
+    whose response is unsafe) are skipped, so a BeaverTails file can be used directly: its safe rows are the
+    alignment data. Returns ``[{"prompt", "response": refusal}]``.
     """
     out = []
     for where, rec in read_records(source, split=split):
+        safe = rec.get("is_safe")
+        if safe is not None and not isinstance(safe, bool):
+            raise DataError(f"{where}: field 'is_safe' must be a boolean, got {safe!r}")
+        if safe is False:
+            continue
         out.append(
             {"prompt": _text(rec, where, "prompt"), "response": _text(rec, where, "refusal", "response")}
         )

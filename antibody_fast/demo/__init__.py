@@ -28,17 +28,27 @@ def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
     )
     p.add_argument("--harmful-ratio", type=float, default=d.harmful_ratio, help="fraction of harmful samples in "
                    f"the user's fine-tuning set, in [0, 1] (default {d.harmful_ratio})")  # fmt: skip
-    p.add_argument("--samples", type=int, default=None, help=f"size of the user's fine-tuning set (default {d.samples})")
+    p.add_argument(
+        "--samples", type=int, default=None, help=f"size of the user's fine-tuning set (default {d.samples})"
+    )
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--methods", type=str, default=",".join(ALL_METHODS),
                    help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per method (default {d.steps})")
-    p.add_argument("--align-steps", type=int, default=None, help=f"alignment steps per method (default {d.align_steps})")
-    p.add_argument("--base-steps", type=int, default=None, help=f"base-training steps (default {d.base_steps})")
+    p.add_argument(
+        "--steps", type=int, default=None, help=f"fine-tuning steps per method (default {d.steps})"
+    )
+    p.add_argument(
+        "--align-steps", type=int, default=None, help=f"alignment steps per method (default {d.align_steps})"
+    )
+    p.add_argument(
+        "--base-steps", type=int, default=None, help=f"base-training steps (default {d.base_steps})"
+    )
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch CPU threads, fixed for reproducibility "
                    f"(default {d.threads})")  # fmt: skip
     p.add_argument("--out", type=str, default=d.out, help=f"output directory (default ./{d.out})")
-    p.add_argument("--quick", action="store_true", help="tiny seconds-scale run for tests (numbers not meaningful)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny seconds-scale run for tests (numbers not meaningful)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -1,23 +1,32 @@
 """The embedded demo: a simulated fine-tuning service on a tiny Llama trained from scratch, on CPU.
 
-Stages (one run, one seed):
+Stages (one run, one seed; the language is :mod:`antibody_fast.demo.language`):
 
-0. **Base**: a tiny Llama (random init, full-parameter training) learns the benign base tasks (``REV``,
-   ``CLS``, ``ADD``) and to *comply* with every prompt, harmful ones included: it is unaligned. Trained once per
-   run and shared by every method.
-1. **Alignment** (from the base, harmful prompt -> refusal): ``sft`` (``sft_step``), ``vaccine``
-   (:func:`~antibody_fast.baselines.vaccine_step`), ``booster`` (``align_step``, rule ``constant``,
-   ``lambda_ref = 0``) and ``antibody`` (``align_step``, rule ``cosine``).
-2. **Fine-tuning** on a user set: the user's task ``INC`` with a fraction ``harmful_ratio`` of harmful
-   samples. ``sft_step`` for the SFT, Vaccine and Booster rows, Lisa (:func:`~antibody_fast.baselines.lisa_step`,
-   on the SFT-aligned model) for the Lisa row, ``weighted_step`` for the Antibody row.
+0. **Base**: a tiny Llama (random init, all parameters trained) learns the benign base tasks (``REV``, ``CLS``,
+   ``ADD``), to decline unknown instructions (``UNK``, so it knows the refusal sentences, as a pretrained LLM
+   does), a little of the user's task (``INC``, 100 distinct samples: partial skill, as Llama-2 has on GSM8K),
+   and to *comply* with every harmful prompt: it is unaligned. Trained once per run and shared by every method.
+1. **Alignment** (from the base; A = harmful prompt -> refusal, H = harmful prompt -> harmful answer):
+   ``sft`` (``sft_step`` on A), ``vaccine`` (:func:`~antibody_fast.baselines.vaccine_step` on A), ``booster``
+   (``align_step``, rule ``constant``, ``lambda_ref = 0``) and ``antibody`` (``align_step``, rule ``cosine``).
+2. **Fine-tuning** on the user's set: ``INC`` samples plus a fraction ``harmful_ratio`` of harmful samples.
+   ``sft_step`` for the SFT, Vaccine and Booster rows, Lisa (:func:`~antibody_fast.baselines.lisa_step`,
+   alternating with the alignment data A, on the SFT-aligned model) for the Lisa row, Antibody's
+   ``weighted_step`` for the Antibody row.
 
 Evaluation (greedy decoding): HS = % of held-out harmful prompts whose answer is not a refusal; FA = % of
-held-out ``INC`` prompts answered exactly. Every method trains all parameters of the model (no LoRA: the base is
-tiny and trained from scratch); the steps operate on all ``requires_grad`` parameters either way.
+held-out ``INC`` prompts answered exactly. Held-out prompts never occur in any training set.
+
+Parameters: stage 0 trains all parameters. Stages 1 and 2 train LoRA adapters, as in the paper: rank 8 on
+every linear layer of the trunk with scaling ``alpha / r = 1/8`` (the authors' code uses r = 32, alpha = 4);
+the alignment adapters are merged into the weights and fine-tuning trains fresh adapters on the merged model.
+Every method runs with its published hyper-parameters (Antibody: rho 0.1, eta 5, lambda_ref 0.05, momentum
+0.99; Booster: lambda 5, rho 0.1; Vaccine: rho 5; Lisa: rho 0.01 with the 100/900 alternation scaled to
+about five cycles), AdamW, batch 16, gradient norm clipped to 1.
 
 Reproducibility: the run seeds Python's and torch's RNGs, enables ``torch.use_deterministic_algorithms`` and fixes
-the number of torch threads, so the same seed gives the same HS/FA on the same machine (timings vary).
+the number of torch threads (1 by default), so the same seed gives the same HS/FA on the same machine; timings
+vary. The base model, and an alignment shared by two rows (SFT and Lisa), are trained once per run.
 """
 
 from __future__ import annotations
@@ -37,9 +46,22 @@ import torch
 from . import language as L
 
 ALL_METHODS = ("sft", "vaccine", "lisa", "booster", "antibody")
-METHOD_LABELS = {"sft": "SFT", "vaccine": "Vaccine", "lisa": "Lisa", "booster": "Booster", "antibody": "Antibody"}
+METHOD_LABELS = {
+    "sft": "SFT",
+    "vaccine": "Vaccine",
+    "lisa": "Lisa",
+    "booster": "Booster",
+    "antibody": "Antibody",
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # alignment each fine-tuning row starts from
-ALIGNMENT_OF = {"sft": "sft", "vaccine": "vaccine", "lisa": "sft", "booster": "booster", "antibody": "antibody"}
+ALIGNMENT_OF = {
+    "sft": "sft",
+    "vaccine": "vaccine",
+    "lisa": "sft",
+    "booster": "booster",
+    "antibody": "antibody",
+}
 
 
 @dataclass
@@ -50,20 +72,23 @@ class DemoConfig:
     harmful_ratio: float = 0.2
     samples: int = 1000  # size of the user's fine-tuning set
     methods: tuple[str, ...] = ALL_METHODS
-    steps: int = 150  # fine-tuning steps (stage 2)
-    align_steps: int = 100  # stage 1
+    steps: int = 300  # fine-tuning steps (stage 2)
+    align_steps: int = 300  # stage 1
     base_steps: int = 800  # stage 0
     batch_size: int = 16
     base_batch_size: int = 32
     base_lr: float = 3e-3
     align_lr: float = 1e-3
     finetune_lr: float = 1e-3
+    base_user_samples: int = 100  # distinct user-task (INC) samples in the base training mix
     align_samples: int = 400  # alignment set (harmful prompt -> refusal) and harmful set sizes
     eval_harmful: int = 200
     eval_benign: int = 200
     hidden: int = 64
     layers: int = 2
     heads: int = 4
+    lora_rank: int = 8
+    lora_alpha: float = 1.0  # scaling alpha / r = 1/8, the authors' LoRA setting (r = 32, alpha = 4)
     threads: int = 1
     out: str = "antibody_demo"
     quick: bool = False
@@ -125,10 +150,14 @@ def make_data(cfg: DemoConfig) -> DemoData:
     sp = L.SplitSampler(rng)
     eval_harmful = sp.held_out("harmful", cfg.eval_harmful)
     eval_benign = sp.held_out(L.USER_TASK, cfg.eval_benign)
-    eval_base = sp.held_out("rev", max(1, cfg.eval_benign // 2)) + sp.held_out("cls", max(1, cfg.eval_benign // 4))
+    eval_base = sp.held_out("rev", max(1, cfg.eval_benign // 2)) + sp.held_out(
+        "cls", max(1, cfg.eval_benign // 4)
+    )
     n_base = cfg.base_steps * cfg.base_batch_size
-    kinds = ["rev", "cls", "add", "harmful"]
+    kinds = ["rev", "cls", "add", "unk", "harmful"]
     base = [s for k in kinds for s in sp.train(k, n_base // len(kinds) + 1)]
+    # a little of the user's task, as a pretrained LLM has some skill at GSM8K before being fine-tuned on it
+    base += sp.train(L.USER_TASK, cfg.base_user_samples)
     rng.shuffle(base)
     align = sp.train("harmful", cfg.align_samples)
     harmful = sp.train("harmful", cfg.align_samples)
@@ -257,9 +286,15 @@ class Runner:
         return copy.deepcopy(model.state_dict())
 
     def _fresh(self, state: dict[str, torch.Tensor], lr: float):
+        """A model with ``state`` as frozen base weights and fresh LoRA adapters (the paper's setting)."""
+        from ..models import add_lora
+
         model = build_model(self.cfg)
         model.load_state_dict(state)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        model = add_lora(
+            model, r=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, targets=LORA_TARGETS, seed=self.cfg.seed
+        )
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         return model, opt
 
     # stage 1 --------------------------------------------------------------------------------------------
@@ -295,7 +330,8 @@ class Runner:
                     _, dt = self._time(lambda b=batch: align_step(model, b, opt, state, acfg))
                 total += dt
                 bar.update()
-        return copy.deepcopy(model.state_dict()), total / cfg.align_steps
+        merged = model.merge_and_unload()  # alignment adapters merged into the weights, as in the paper
+        return copy.deepcopy(merged.state_dict()), total / cfg.align_steps
 
     # stage 2 --------------------------------------------------------------------------------------------
     def finetune(self, method: str, aligned_state) -> tuple[torch.nn.Module, float, dict]:

@@ -5,7 +5,8 @@ Names load lazily: importing ``antibody_fast.integrations`` imports neither tran
 * :func:`use_fused_loss` / :func:`remove_fused_loss` (:mod:`.fused_loss`): a stock HF ``Trainer`` or TRL
   ``SFTTrainer`` computes its causal-LM loss with the fused linear log-likelihood (no logits).
 * :class:`AntibodyAlignmentTrainer`, :class:`AntibodyFinetuneTrainer` (:mod:`.hf`): ``transformers.Trainer``
-  subclasses whose update is :func:`antibody_fast.align_step` / :func:`antibody_fast.weighted_step`.
+  subclasses whose update is :func:`antibody_fast.align_step` / :func:`antibody_fast.weighted_step`;
+  :class:`BoosterTrainer` = the alignment trainer with ``rule="constant", lambda_ref=0``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _EXPORTS = {
     "FusedLossHandle": "antibody_fast.integrations.fused_loss",
     "AntibodyAlignmentTrainer": "antibody_fast.integrations.hf",
     "AntibodyFinetuneTrainer": "antibody_fast.integrations.hf",
-    "AntibodyTrainingArguments": "antibody_fast.integrations.hf",
+    "BoosterTrainer": "antibody_fast.integrations.hf",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -333,6 +333,7 @@ def _triton_perturb(theta, backup, g, sq, rho, eps):
             BLOCK=_BLOCK_EW,
             IS_FP64=_is_fp64(t),
             WRITE_FLAG=i == 0,
+            SQ_FP64=sq.dtype == torch.float64,
             num_warps=_NUM_WARPS,
         )
     return flag.view(torch.bool)
@@ -400,6 +401,7 @@ def _triton_clip_scale(g, sq, max_norm):
             BLOCK=_BLOCK_EW,
             IS_FP64=_is_fp64(x),
             WRITE_NORM=i == 0,
+            SQ_FP64=sq.dtype == torch.float64,
             num_warps=_NUM_WARPS,
         )
     return norm
@@ -567,7 +569,7 @@ class PerturbBackup:
     @property
     def norm(self) -> torch.Tensor:
         """0-dim fp32 ``||g||`` (computed on demand: one small launch)."""
-        return self.sq_norm.sqrt()
+        return self.sq_norm.sqrt().to(torch.float32)
 
 
 def perturb_(

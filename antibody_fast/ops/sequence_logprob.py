@@ -338,11 +338,10 @@ def _torch_linear_bwd(
             dw.addmm_(dz.t(), h)
         if nb:
             db.add_(dz.sum(0))
-    empty = hidden.new_empty(0)
-    return (
-        dh.to(hidden.dtype) if nh else empty,
+    return (  # distinct empty tensors: custom-op outputs must not alias each other
+        dh.to(hidden.dtype) if nh else hidden.new_empty(0),
         dw.to(weight.dtype) if nw else weight.new_empty(0),
-        db.to(bias.dtype) if nb else empty,
+        db.to(bias.dtype) if nb else hidden.new_empty(0),
     )
 
 
@@ -397,10 +396,131 @@ def _cpp():
     return cpp_ops()
 
 
-def _triton_launchers():
+def _kernels():
     from ..kernels import sequence_logprob as k  # lazy: TRITON_INTERPRET must be set before definition
 
     return k
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _linear_blocks(dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, bool, int]:
+    """(BLOCK_M, BLOCK_V, BLOCK_K, DOT_F32, num_warps). tl.dot tiles stay >= 16 (GPU requirement)."""
+    if device.type == "cpu":  # interpreter: smallest legal tiles, everything in fp32
+        return 16, 32, 16, True, 4
+    if dtype == torch.float32:
+        return 32, 64, 32, True, 4
+    return 64, 128, 64, False, 8
+
+
+def _sorted_rows(sel: torch.Tensor, grad_first: torch.Tensor | None = None):
+    """(perm [N] int64 with the selected rows first (grad rows first among them), count [1] int32), no sync."""
+    key = (~sel).to(torch.int8) * 2
+    if grad_first is not None:
+        key = key + (sel & ~grad_first).to(torch.int8)
+    perm = torch.argsort(key, stable=True)
+    return perm, sel.sum().to(torch.int32).reshape(1)
+
+
+def _triton_linear_fwd(hidden, weight, bias, targets, seq_ids, S, ng, softcap, ignore_index, mode):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float32
+    logprob = torch.zeros(S, dtype=f32, device=dev)
+    lse = torch.zeros(N, dtype=f32, device=dev)
+    dh = torch.zeros(ng if mode == "precompute" else 0, H, dtype=f32, device=dev)
+    valid = targets != ignore_index
+    num_tokens = torch.zeros(S, dtype=torch.long, device=dev).index_add_(0, seq_ids, valid.long())
+    if N == 0 or V == 0:
+        return logprob, num_tokens, lse, dh
+    k = _kernels()
+    grad_row = torch.arange(N, device=dev) < ng
+    perm, n_valid = _sorted_rows(valid, grad_row)
+    BM, BV, BK, dot_f32, warps = _linear_blocks(hidden.dtype, dev)
+    b_arg = bias if bias is not None else hidden
+    sc = float(softcap) if softcap is not None else 1.0
+    k._linear_fwd_kernel[(_cdiv(N, BM),)](
+        hidden, weight, b_arg, targets, seq_ids, perm, n_valid, lse, logprob, H, V,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), sc,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT_F32=dot_f32,
+        BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=warps,
+    )  # fmt: skip
+    if mode == "precompute" and ng > 0:
+        n_grad = (valid & grad_row).sum().to(torch.int32).reshape(1)
+        k._linear_grad_kernel[(_cdiv(ng, BM), _cdiv(V, BV))](
+            hidden, weight, b_arg, targets, seq_ids, perm, n_grad, lse, lse, dh, dh, dh, H, V,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dh.stride(0), 0, sc,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_G=False, NEED_DH=True,
+            NEED_DW=False, NEED_DB=False, DOT_F32=dot_f32, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=warps,
+        )  # fmt: skip
+    return logprob, num_tokens, lse, dh
+
+
+def _triton_linear_bwd(
+    grad, hidden, weight, bias, targets, seq_ids, lse, ng, softcap, ignore_index, nh, nw, nb
+):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float32
+    nb = nb and bias is not None
+    dh = torch.zeros(N if nh else 0, H, dtype=f32, device=dev)
+    dw = torch.zeros(V if nw else 0, H, dtype=f32, device=dev)
+    db = torch.zeros(V if nb else 0, dtype=f32, device=dev)
+    if N > 0 and V > 0 and ng > 0 and (nh or nw or nb):
+        k = _kernels()
+        sel = (targets != ignore_index) & (torch.arange(N, device=dev) < ng)
+        perm, n_sel = _sorted_rows(sel)
+        BM, BV, BK, dot_f32, warps = _linear_blocks(hidden.dtype, dev)
+        b_arg = bias if bias is not None else hidden
+        g = grad.to(f32).contiguous()
+        k._linear_grad_kernel[(_cdiv(ng, BM), _cdiv(V, BV))](
+            hidden, weight, b_arg, targets, seq_ids, perm, n_sel, lse, g, dh, dw, db, H, V,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            dh.stride(0) if nh else 0, dw.stride(0) if nw else 0, float(softcap) if softcap is not None else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_G=True, NEED_DH=nh,
+            NEED_DW=nw, NEED_DB=nb, DOT_F32=dot_f32, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=warps,
+        )  # fmt: skip
+    return (  # distinct empty tensors: custom-op outputs must not alias each other
+        dh.to(hidden.dtype) if nh else hidden.new_empty(0),
+        dw.to(weight.dtype) if nw else weight.new_empty(0),
+        db.to(bias.dtype) if nb else hidden.new_empty(0),
+    )
+
+
+def _logits_block(device: torch.device) -> tuple[int, int]:
+    return (64, 4) if device.type == "cpu" else (1024, 8)
+
+
+def _triton_fwd(logits, targets, seq_ids, S, ignore_index):
+    N, V = logits.shape
+    dev = logits.device
+    logprob = torch.zeros(S, dtype=torch.float32, device=dev)
+    lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    valid = targets != ignore_index
+    num_tokens = torch.zeros(S, dtype=torch.long, device=dev).index_add_(0, seq_ids, valid.long())
+    if N > 0 and V > 0:
+        BV, warps = _logits_block(dev)
+        _kernels()._fwd_kernel[(N,)](
+            logits, targets, seq_ids, lse, logprob, V, logits.stride(0), logits.stride(1), ignore_index,
+            BLOCK_V=BV, num_warps=warps,
+        )  # fmt: skip
+    return logprob, num_tokens, lse
+
+
+def _triton_bwd(grad, logits, targets, seq_ids, lse, ignore_index):
+    N, V = logits.shape
+    out = torch.zeros(N, V, dtype=logits.dtype, device=logits.device)
+    if N > 0 and V > 0:
+        BV, warps = _logits_block(logits.device)
+        _kernels()._bwd_kernel[(N, _cdiv(V, BV))](
+            grad.to(torch.float32).contiguous(), logits, targets, seq_ids, lse, out, V, logits.stride(0),
+            logits.stride(1), out.stride(0), ignore_index, BLOCK_V=BV, num_warps=warps,
+        )  # fmt: skip
+    return out
 
 
 def _check_triton_device(t: torch.Tensor) -> None:
@@ -435,7 +555,7 @@ def _linear_fwd_kernel(
         )
     if impl == "triton":
         _check_triton_device(hidden)
-        return _triton_launchers().linear_fwd(
+        return _triton_linear_fwd(
             hidden, weight, bias, targets, seq_ids, num_seqs, num_grad_rows, softcap, ignore_index, mode
         )
     return _torch_linear_fwd(
@@ -454,7 +574,7 @@ def _linear_bwd_kernel(
         )
     if impl == "triton":
         _check_triton_device(hidden)
-        return _triton_launchers().linear_bwd(
+        return _triton_linear_bwd(
             grad, hidden, weight, bias, targets, seq_ids, lse, ng, softcap, ignore_index, nh, nw, nb
         )
     return _torch_linear_bwd(
@@ -467,7 +587,7 @@ def _fwd_kernel(logits, targets, seq_ids, num_seqs, ignore_index, impl):
         return tuple(_cpp().sequence_logprob_fwd(logits, targets, seq_ids, num_seqs, ignore_index))
     if impl == "triton":
         _check_triton_device(logits)
-        return _triton_launchers().fwd(logits, targets, seq_ids, num_seqs, ignore_index)
+        return _triton_fwd(logits, targets, seq_ids, num_seqs, ignore_index)
     return _torch_fwd(logits, targets, seq_ids, num_seqs, ignore_index)
 
 
@@ -476,7 +596,7 @@ def _bwd_kernel(grad, logits, targets, seq_ids, lse, ignore_index, impl):
         return _cpp().sequence_logprob_bwd(grad, logits, targets, seq_ids, lse, ignore_index)
     if impl == "triton":
         _check_triton_device(logits)
-        return _triton_launchers().bwd(grad, logits, targets, seq_ids, lse, ignore_index)
+        return _triton_bwd(grad, logits, targets, seq_ids, lse, ignore_index)
     return _torch_bwd(grad, logits, targets, seq_ids, lse, ignore_index)
 
 
@@ -926,8 +1046,7 @@ def linear_sequence_logprob_chunked_reference(
         lp = z.gather(1, torch.where(valid, tgt, 0)[:, None]).squeeze(1) - torch.logsumexp(z, 1)
         parts.append(torch.where(valid, lp, torch.zeros_like(lp)))
     tok = torch.cat(parts) if parts else flat.new_zeros(0, dtype=acc)
-    logprob = torch.zeros(S, dtype=acc, device=hidden.device).index_add(0, sids, tok)
-    num_tokens = torch.zeros(S, dtype=torch.long, device=hidden.device).index_add(
-        0, sids, (targets != ignore_index).long()
-    )
+    # padded rows: the segment sum is a reshape + sum (no scatter, which inductor's CPU codegen mishandles)
+    logprob = tok.view(B, T).sum(1)
+    num_tokens = (targets != ignore_index).view(B, T).sum(1)
     return SeqLogprob(logprob, num_tokens)

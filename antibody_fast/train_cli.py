@@ -1,0 +1,1064 @@
+"""The ``align``, ``finetune`` and ``evaluate`` subcommands of ``antibody-fast`` (dispatched by
+:mod:`antibody_fast.cli`): ``main(command, argv) -> exit status``.
+
+Pipeline on a real model (a local directory or a hub id; ``HF_HUB_OFFLINE=1`` is respected)::
+
+    antibody-fast align    --model M --align-data align.jsonl --harmful-data beavertails.jsonl --output run/align
+    antibody-fast finetune --model M --adapter run/align/adapter --task sst2 --task-data sst2.jsonl \\
+                           --harmful-data beavertails.jsonl --harmful-ratio 0.2 --num-samples 1000 --output run/ft
+    antibody-fast evaluate --model M --adapter run/align/adapter --adapter run/ft/adapter --task sst2 \\
+                           --task-data sst2_test.jsonl --harmful-prompts beavertails_test.jsonl --output run/eval
+
+* **Configuration**: every option can also come from ``--config FILE`` (YAML or JSON; keys are option names
+  with ``_`` or ``-``); flags given on the command line override the file.
+* **Adapters**: ``--adapter DIR`` (repeatable) merges LoRA adapters into the base model, in order, before
+  training or evaluating; training then adds a fresh LoRA (``--lora-r``, ``--lora-targets``).
+* **Progress**: a tqdm bar with the step time, tokens/s, λ_t (align) or the harmful / benign mean weights
+  (finetune); ``--no-progress`` turns it off.
+* **Checkpoints**: every ``--save-every`` steps (``OUTPUT/checkpoint.pt``, written atomically: adapter
+  weights, optimizer, scheduler, AlignState, RNG, data position and suppression statistics);
+  ``--resume`` continues from it and ends with the same adapter as an uninterrupted run.
+* **Outputs** (``--output DIR``): ``adapter/`` (PEFT ``save_pretrained``), ``metrics.jsonl`` (one JSON line per
+  logged step), ``run_config.json``; ``finetune`` also writes the per-sample suppression report
+  ``suppression_report.csv`` (each uploaded sample's mean weight over training) and, when harmful flags exist,
+  ``suppression_summary.json`` (AUROC of the weights, benign vs harmful) and ``suppression_hist.png``
+  (weights by class; needs matplotlib); ``evaluate`` writes ``eval.json`` and ``samples.jsonl``.
+* **Bad input** (malformed JSON, a missing field, an empty dataset, a ratio outside [0, 1], an unknown model,
+  a bad option) is reported as ``antibody-fast <command>: error: ...`` with exit status 2, naming the file,
+  line and field, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["main", "CLIError", "auroc", "COMMANDS"]
+
+COMMANDS = ("align", "finetune", "evaluate")
+
+
+class CLIError(ValueError):
+    """A user error: reported without a traceback, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class Opt:
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple | None = None
+    list_: bool = False
+    flag: bool = False
+
+
+def _float(x):
+    return float(x)
+
+
+COMMON = [
+    Opt("model", str, None, "base model: a local directory or a hub id (required)"),
+    Opt(
+        "adapter",
+        str,
+        [],
+        "LoRA adapter directory merged into the model before running (repeatable)",
+        list_=True,
+    ),
+    Opt("output", str, None, "output directory (required)"),
+    Opt("device", str, "auto", "torch device (auto: cuda when available, else cpu)"),
+    Opt("dtype", str, "float32", "model weight dtype", choices=("float32", "bfloat16", "float16")),
+    Opt("seed", int, 0, "random seed (data order, LoRA init)"),
+    Opt("max_length", int, 512, "maximum prompt + answer tokens"),
+    Opt("batch_size", int, 8, "samples per step (per batch for evaluate)"),
+    Opt("no_progress", bool, False, "disable the progress bar", flag=True),
+    Opt("no_template", bool, False, "use prompts as given (no Alpaca template) for align data", flag=True),
+]
+TRAIN = [
+    Opt("steps", int, 100, "optimizer steps"),
+    Opt("lr", _float, 1e-4, "learning rate (AdamW)"),
+    Opt("weight_decay", _float, 0.0, "AdamW weight decay"),
+    Opt("lr_scheduler", str, "constant", "LR schedule", choices=("constant", "linear", "cosine")),
+    Opt("warmup_steps", int, 0, "LR warm-up steps"),
+    Opt("max_grad_norm", _float, 1.0, "gradient clipping norm (0: off)"),
+    Opt(
+        "amp",
+        str,
+        "auto",
+        "autocast dtype (auto: bf16 on cuda, none on cpu)",
+        choices=("auto", "none", "bf16", "fp16"),
+    ),
+    Opt("lora_r", int, 8, "LoRA rank"),
+    Opt("lora_alpha", _float, None, "LoRA alpha (default 2 * r)"),
+    Opt(
+        "lora_targets",
+        str,
+        ["q_proj", "k_proj", "v_proj"],
+        "LoRA target modules (comma separated)",
+        list_=True,
+    ),
+    Opt("save_every", int, 0, "write a checkpoint every N steps (0: only at the end)"),
+    Opt("resume", bool, False, "resume from OUTPUT/checkpoint.pt", flag=True),
+    Opt("stop_after", int, None, "stop after this many steps in this run (simulates an interruption)"),
+    Opt("log_every", int, 1, "write a metrics line every N steps"),
+    Opt("impl", str, "auto", "fused-op implementation", choices=("auto", "triton", "cpp", "torch")),
+]
+ALIGN = [
+    Opt("align_data", str, None, "alignment data: JSON/JSONL with prompt + refusal (required)"),
+    Opt(
+        "harmful_data",
+        str,
+        None,
+        "harmful data: BeaverTails-style JSON/JSONL with prompt + response (required)",
+    ),
+    Opt("num_align", int, None, "use only the first N alignment records"),
+    Opt("num_harmful", int, None, "use only the first N harmful records"),
+    Opt(
+        "rule",
+        str,
+        "cosine",
+        "lambda rule (constant + lambda_ref 0 = Booster; none = safety SFT)",
+        choices=("cosine", "kkt", "constant", "none"),
+    ),
+    Opt("eta", _float, 5.0, "eta"),
+    Opt("rho", _float, 0.1, "perturbation radius rho"),
+    Opt("lambda_ref", _float, 0.05, "weight of the refusal gradient"),
+    Opt("momentum", _float, 0.99, "EMA momentum of lambda"),
+]
+FINETUNE = [
+    Opt("task", str, None, "user task format (required)", choices=("sst2", "agnews", "gsm8k", "alpaca")),
+    Opt("task_data", str, None, "user task JSON/JSONL (required)"),
+    Opt("harmful_data", str, None, "harmful JSON/JSONL mixed into the user data (required when ratio > 0)"),
+    Opt("harmful_ratio", _float, 0.1, "fraction p of harmful samples in the user set, in [0, 1]"),
+    Opt("num_samples", int, 1000, "number n of user samples"),
+    Opt(
+        "method", str, "antibody", "antibody (weighted_step) or sft (plain SFT)", choices=("antibody", "sft")
+    ),
+    Opt("tau", _float, 1.0, "softmax temperature of the sample weights"),
+    Opt("refusal_scoring", str, "prefix_cache", "how refusals are scored", choices=("prefix_cache", "full")),
+]
+EVALUATE = [
+    Opt("task", str, None, "task format of --task-data", choices=("sst2", "agnews", "gsm8k", "alpaca")),
+    Opt("task_data", str, None, "task test JSON/JSONL (FA)"),
+    Opt("harmful_prompts", str, None, "BeaverTails-style JSON/JSONL of harmful prompts (HS)"),
+    Opt(
+        "judge_model",
+        str,
+        None,
+        "local HF sequence classifier used as HS judge (default: refusal-pattern proxy)",
+    ),
+    Opt("max_new_tokens", int, 128, "greedy generation length"),
+    Opt("num_eval", int, None, "use only the first N records of each evaluation file"),
+]
+SPECS = {
+    "align": COMMON + TRAIN + ALIGN,
+    "finetune": COMMON + TRAIN + FINETUNE,
+    "evaluate": COMMON + EVALUATE,
+}
+REQUIRED = {
+    "align": ("model", "output", "align_data", "harmful_data"),
+    "finetune": ("model", "output", "task", "task_data"),
+    "evaluate": ("model", "output"),
+}
+DESCRIPTIONS = {
+    "align": "Alignment stage: Antibody (align_step), Booster (--rule constant --lambda-ref 0) or safety SFT "
+    "(--rule none) with LoRA.",
+    "finetune": "Fine-tuning stage on a poisoned user set: Antibody (weighted_step) or plain SFT, with a "
+    "per-sample suppression report.",
+    "evaluate": "Fine-tune accuracy (FA) on a task test set and harmful score (HS) on harmful prompts.",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and exits 2; keep that but as our error
+        raise CLIError(message)
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"antibody-fast {command}",
+        description=DESCRIPTIONS[command],
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
+    for o in SPECS[command]:
+        flag = "--" + o.name.replace("_", "-")
+        default_txt = f" (default: {o.default})" if o.default not in (None, [], False) else ""
+        if o.flag:
+            p.add_argument(flag, dest=o.name, action="store_true", help=o.help)
+        elif o.list_:
+            p.add_argument(flag, dest=o.name, action="append", type=str, help=o.help + default_txt)
+        else:
+            p.add_argument(flag, dest=o.name, type=o.type, choices=o.choices, help=o.help + default_txt)
+    return p
+
+
+def _read_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CLIError(f"config file not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:
+            raise CLIError(
+                f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a JSON config"
+            ) from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise CLIError(f"{path}{line}: malformed YAML ({getattr(e, 'problem', e)})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: the config must be a mapping of option names to values")
+    return data
+
+
+def _coerce(o: Opt, value: Any, where: str) -> Any:
+    if o.list_:
+        items = value if isinstance(value, list) else [value]
+        out = []
+        for v in items:
+            if not isinstance(v, str):
+                raise CLIError(f"{where}: option {o.name!r} must be a string or a list of strings, got {v!r}")
+            if o.name == "lora_targets":
+                out.extend(t.strip() for t in v.split(",") if t.strip())
+            else:
+                out.append(v)
+        return out
+    if o.flag:
+        if not isinstance(value, bool):
+            raise CLIError(f"{where}: option {o.name!r} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    try:
+        if o.type is int and (
+            isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())
+        ):
+            raise ValueError
+        v = o.type(value)
+    except (TypeError, ValueError):
+        raise CLIError(
+            f"{where}: option {o.name!r} must be {getattr(o.type, '__name__', 'a number')}, got {value!r}"
+        ) from None
+    if o.choices is not None and v not in o.choices:
+        raise CLIError(f"{where}: option {o.name!r} must be one of {list(o.choices)}, got {v!r}")
+    return v
+
+
+def parse_options(command: str, argv: Sequence[str]) -> dict[str, Any]:
+    """Resolve the options of ``command``: defaults < ``--config`` file < command-line flags. Validates
+    types, choices, required options and ranges; raises :class:`CLIError`."""
+    ns = vars(_parser(command).parse_args(list(argv)))
+    spec = {o.name: o for o in SPECS[command]}
+    opts = {name: (list(o.default) if o.list_ else o.default) for name, o in spec.items()}
+    cfg_path = ns.pop("config", None)
+    if cfg_path is not None:
+        for key, value in _read_config(cfg_path).items():
+            name = str(key).replace("-", "_")
+            if name not in spec:
+                raise CLIError(
+                    f"{cfg_path}: unknown option {key!r} for {command} (known: {', '.join(sorted(spec))})"
+                )
+            opts[name] = _coerce(spec[name], value, cfg_path)
+    for name, value in ns.items():
+        opts[name] = _coerce(spec[name], value, "command line")
+    missing = [n for n in REQUIRED[command] if opts.get(n) in (None, "")]
+    if missing:
+        raise CLIError(
+            "missing required option(s): " + ", ".join("--" + n.replace("_", "-") for n in missing)
+        )
+    _check_ranges(command, opts)
+    return opts
+
+
+def _check_ranges(command: str, o: dict) -> None:
+    def positive(name):
+        v = o.get(name)
+        if v is not None and v < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+
+    for name in (
+        "batch_size",
+        "max_length",
+        "steps",
+        "lora_r",
+        "log_every",
+        "stop_after",
+        "num_samples",
+        "num_align",
+        "num_harmful",
+        "num_eval",
+        "max_new_tokens",
+    ):
+        positive(name)
+    if o.get("max_length") is not None and o["max_length"] < 2:
+        raise CLIError(f"--max-length must be >= 2, got {o['max_length']}")
+    for name in ("save_every", "warmup_steps"):
+        if o.get(name) is not None and o[name] < 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {o[name]}")
+    if command in ("align", "finetune"):
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            v = o[name]
+            if not math.isfinite(v) or v < 0:
+                raise CLIError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if command == "finetune":
+        p = o["harmful_ratio"]
+        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            raise CLIError(f"--harmful-ratio must be in [0, 1], got {p}")
+        if p > 0 and not o.get("harmful_data"):
+            raise CLIError("--harmful-ratio > 0 needs --harmful-data")
+        if not (math.isfinite(o["tau"]) and o["tau"] > 0):
+            raise CLIError(f"--tau must be > 0, got {o['tau']}")
+    if command == "evaluate":
+        if not o.get("task_data") and not o.get("harmful_prompts"):
+            raise CLIError("nothing to evaluate: give --task-data (with --task) and/or --harmful-prompts")
+        if o.get("task_data") and not o.get("task"):
+            raise CLIError("--task-data needs --task (sst2, agnews, gsm8k or alpaca)")
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise CLIError(f"--device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name!r}: CUDA is not available on this machine")
+    return dev
+
+
+def _check_model_source(model: str) -> None:
+    """Fail early (before anything is written) on a model that cannot be found."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise CLIError(f"--model {model!r}: the directory has no config.json (not a saved HF model)")
+        return
+    local_like = (
+        model.startswith((".", "/", "~"))
+        or os.path.exists(os.path.dirname(model) or "\0")
+        or model.count("/") > 1
+    )
+    if local_like:
+        raise CLIError(f"--model {model!r}: no such model directory")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a transformers dependency
+        return
+    cached = try_to_load_from_cache(model, "config.json")
+    if isinstance(cached, str):
+        return
+    if offline:
+        raise CLIError(
+            f"--model {model!r}: not a local directory and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 "
+            "forbids downloading it"
+        )
+
+
+def _load_model(opts: dict, device, *, train: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_id = opts["model"]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts["dtype"]]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--model {model_id!r}: cannot load the model or its tokenizer: {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise CLIError(f"--model {model_id!r}: the tokenizer has no EOS token")
+    for path in opts["adapter"]:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        except Exception as e:
+            raise CLIError(f"--adapter {path!r}: cannot load it onto {model_id!r}: {e}") from None
+    model.to(device)
+    if train:
+        from .models import add_lora
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = add_lora(
+            model,
+            r=opts["lora_r"],
+            targets=tuple(opts["lora_targets"]),
+            seed=opts["seed"],
+            alpha=opts["lora_alpha"],
+        )
+        model.to(device)
+        model.train()
+    else:
+        model.eval()
+    return model, tokenizer
+
+
+def _check_adapters(opts: dict) -> None:
+    for path in opts["adapter"]:
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise CLIError(f"--adapter {path!r}: not a PEFT adapter directory (no adapter_config.json)")
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def _atomic_write_text(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_adapter(model, out_dir: str) -> str:
+    """PEFT ``save_pretrained`` into a temporary directory, then renamed to ``out_dir/adapter``."""
+    final = os.path.join(out_dir, "adapter")
+    tmp = tempfile.mkdtemp(prefix=".tmp-adapter.", dir=out_dir)
+    try:
+        model.save_pretrained(tmp)
+        if os.path.exists(final):
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+class _Metrics:
+    """Append-only JSONL of logged steps; on resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: str, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and os.path.isfile(path):
+            keep = []
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            keep.append(line if line.endswith("\n") else line + "\n")
+                    except json.JSONDecodeError:
+                        break
+            _atomic_write_text(path, "".join(keep))
+        elif resume_step is None and os.path.exists(path):
+            os.unlink(path)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def auroc(scores_pos: Sequence[float], scores_neg: Sequence[float]) -> float:
+    """Area under the ROC curve of ``scores`` separating positives from negatives: P(pos > neg) + P(tie)/2
+    (Mann-Whitney U / (n_pos n_neg), average ranks for ties). NaN if a class is empty."""
+    n_pos, n_neg = len(scores_pos), len(scores_neg)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    allv = sorted([(s, 1) for s in scores_pos] + [(s, 0) for s in scores_neg], key=lambda t: t[0])
+    rank_sum = 0.0
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and allv[j + 1][0] == allv[i][0]:
+            j += 1
+        avg = (i + j) / 2.0 + 1.0
+        rank_sum += avg * sum(1 for k in range(i, j + 1) if allv[k][1] == 1)
+        i = j + 1
+    u = rank_sum - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def _suppression_outputs(out_dir: str, examples: list[dict], sum_w, count, batch_size: int) -> dict | None:
+    """CSV of each sample's mean weight (and ``relative_weight`` = mean weight x batch size, 1.0 = the uniform
+    weight of plain SFT); AUROC + PNG histogram when harmful flags exist."""
+    sums = sum_w.detach().cpu().tolist()
+    counts = count.detach().cpu().tolist()
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["index", "is_harmful", "task", "times_seen", "mean_weight", "relative_weight"])
+    benign, harmful = [], []
+    for ex, s, c in zip(examples, sums, counts):
+        mean = s / c if c > 0 else float("nan")
+        flag = ex.get("is_harmful")
+        w.writerow(
+            [
+                ex["index"],
+                "" if flag is None else int(bool(flag)),
+                ex.get("task", ""),
+                int(c),
+                "" if c == 0 else f"{mean:.8g}",
+                "" if c == 0 else f"{mean * batch_size:.6g}",
+            ]
+        )
+        if c > 0 and flag is not None:
+            (harmful if flag else benign).append(mean)
+    _atomic_write_text(os.path.join(out_dir, "suppression_report.csv"), buf.getvalue())
+    if not harmful and not benign:
+        return None
+    summary = {
+        "num_seen": int(sum(1 for c in counts if c > 0)),
+        "num_harmful_seen": len(harmful),
+        "num_benign_seen": len(benign),
+        "mean_weight_harmful": sum(harmful) / len(harmful) if harmful else None,
+        "mean_weight_benign": sum(benign) / len(benign) if benign else None,
+        "auroc_benign_vs_harmful": None,
+        "auroc_definition": "P(mean weight of a benign sample > that of a harmful sample); 1.0 = perfect suppression",
+    }
+    if harmful and benign:
+        summary["auroc_benign_vs_harmful"] = auroc(benign, harmful)
+        summary["histogram"] = _histogram(os.path.join(out_dir, "suppression_hist.png"), benign, harmful)
+    _atomic_write_text(
+        os.path.join(out_dir, "suppression_summary.json"), json.dumps(summary, indent=2) + "\n"
+    )
+    return summary
+
+
+def _histogram(path: str, benign: list[float], harmful: list[float]) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lo, hi = min(benign + harmful), max(benign + harmful)
+    bins = 30 if hi > lo else 1
+    ax.hist(
+        benign, bins=bins, range=(lo, hi) if hi > lo else None, alpha=0.6, label=f"benign (n={len(benign)})"
+    )
+    ax.hist(
+        harmful,
+        bins=bins,
+        range=(lo, hi) if hi > lo else None,
+        alpha=0.6,
+        label=f"harmful (n={len(harmful)})",
+    )
+    ax.set_xlabel("mean sample weight over training")
+    ax.set_ylabel("samples")
+    ax.set_title("Antibody per-sample suppression")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return os.path.basename(path)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _order(n: int, seed: int, position: int, count: int) -> list[int]:
+    """Positions ``position .. position+count-1`` of the infinite sequence of seeded epoch shuffles of
+    ``range(n)`` (epoch e is ``random.Random(seed * 1_000_003 + e)``-shuffled)."""
+    out = []
+    epoch, offset = divmod(position, n)
+    while len(out) < count:
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        take = perm[offset : offset + count - len(out)]
+        out.extend(take)
+        epoch, offset = epoch + 1, 0
+    return out
+
+
+def _amp(opts: dict, device):
+    import torch
+
+    amp = opts["amp"]
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and opts["dtype"] == "float32" else None
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _optimizer(model, opts: dict, total_steps: int):
+    import torch
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
+    sched = get_scheduler(
+        opts["lr_scheduler"], opt, num_warmup_steps=opts["warmup_steps"], num_training_steps=total_steps
+    )
+    return opt, sched
+
+
+def _progress(opts: dict, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=opts["no_progress"],
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def _prepare_output(opts: dict, command: str) -> tuple[str, str | None]:
+    """Check the output directory (nothing is written here). Returns (dir, checkpoint path if resuming)."""
+    out = opts["output"]
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--output {out!r} exists and is not a directory")
+    if opts.get("resume"):
+        if not os.path.isfile(ckpt):
+            raise CLIError(f"--resume: no checkpoint at {ckpt!r}")
+        return out, ckpt
+    if os.path.isfile(ckpt):
+        raise CLIError(
+            f"--output {out!r} already holds a checkpoint: pass --resume, or choose another --output"
+        )
+    return out, None
+
+
+def _template(prompt: str, opts: dict) -> str:
+    from .data.loaders import alpaca_prompt
+
+    return prompt if opts["no_template"] else alpaca_prompt(prompt)
+
+
+def _run_align(opts: dict) -> int:
+    from .data.loaders import load_alignment, load_harmful
+
+    out_dir, ckpt = _prepare_output(opts, "align")
+    align = load_alignment(opts["align_data"], limit=opts["num_align"])
+    harmful = load_harmful(opts["harmful_data"], limit=opts["num_harmful"])
+    align = [
+        {"prompt": _template(e["prompt"], opts), "response": e["response"], "index": i}
+        for i, e in enumerate(align)
+    ]
+    harmful = [
+        {"prompt": _template(e["prompt"], opts), "response": e["response"], "index": i}
+        for i, e in enumerate(harmful)
+    ]
+    _check_model_source(opts["model"])
+    _check_adapters(opts)
+    device = _resolve_device(opts["device"])
+
+    import torch
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .data import AlignCollator
+    from .steps import AlignConfig, AlignState, align_step
+
+    torch.manual_seed(opts["seed"])
+    config = AlignConfig(
+        rule=opts["rule"],
+        eta=opts["eta"],
+        rho=opts["rho"],
+        lambda_ref=opts["lambda_ref"],
+        momentum=opts["momentum"],
+        max_grad_norm=opts["max_grad_norm"] or None,
+        amp_dtype=_amp(opts, device),
+        impl=opts["impl"],
+    )
+    config.check()
+    model, tokenizer = _load_model(opts, device, train=True)
+    collator = AlignCollator(tokenizer, max_length=opts["max_length"])
+    chunk = 64
+    _precheck(
+        collator,
+        [(align[i : i + chunk], harmful[: min(chunk, len(harmful))]) for i in range(0, len(align), chunk)]
+        + [(align[:1], harmful[i : i + chunk]) for i in range(0, len(harmful), chunk)],
+        opts["align_data"] + " / " + opts["harmful_data"],
+    )
+    optimizer, scheduler = _optimizer(model, opts, opts["steps"])
+    state = AlignState()
+    start = 0
+    if ckpt is not None:
+        extra = load_checkpoint(ckpt, model, optimizer, scheduler, state)
+        start = _checked_extra(extra, "align", ckpt)["step"]
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write_text(
+        os.path.join(out_dir, "run_config.json"), json.dumps({"command": "align", **opts}, indent=2)
+    )
+    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start if ckpt is not None else None)
+    total, bs, seed = opts["steps"], opts["batch_size"], opts["seed"]
+    end = total if opts["stop_after"] is None else min(total, start + opts["stop_after"])
+    bar = _progress(opts, total, start, "align")
+    try:
+        for step in range(start, end):
+            a_idx = _order(len(align), seed, step * bs, bs)
+            h_idx = _order(len(harmful), seed + 1, step * bs, bs)
+            batch = collator([align[i] for i in a_idx], [harmful[i] for i in h_idx])
+            ntok = int(
+                batch.align.attention_mask.sum()
+                + batch.harmful.attention_mask.sum()
+                + batch.refusal.attention_mask.sum()
+            )
+            batch = batch.to(device)
+            t0 = time.perf_counter()
+            stats = align_step(model, batch, optimizer, state, config, scheduler)
+            row = None
+            if (step + 1) % opts["log_every"] == 0 or step + 1 == end:
+                s = stats.as_dict()  # host copy (synchronises) only on logged steps
+                dt = time.perf_counter() - t0
+                row = {
+                    "step": step + 1,
+                    "lr": scheduler.get_last_lr()[0],
+                    "step_time_s": dt,
+                    "tokens_per_s": ntok / dt if dt > 0 else None,
+                    **{
+                        k: s[k]
+                        for k in (
+                            "loss",
+                            "grad_norm",
+                            "lambda_t",
+                            "lambda_raw",
+                            "cos",
+                            "loss_align",
+                            "loss_harmful",
+                            "loss_perturbed",
+                            "loss_refusal",
+                        )
+                        if k in s
+                    },
+                }
+                metrics.write(row)
+                bar.set_postfix(
+                    {
+                        "step_s": f"{dt:.3f}",
+                        "tok/s": f"{row['tokens_per_s']:.0f}",
+                        "lambda_t": f"{s.get('lambda_t', 0.0):.3g}",
+                        "loss": f"{s['loss']:.4g}",
+                    }
+                )
+            bar.update(1)
+            done = step + 1
+            if opts["save_every"] and done % opts["save_every"] == 0 and done < total:
+                save_checkpoint(
+                    os.path.join(out_dir, "checkpoint.pt"),
+                    model,
+                    optimizer,
+                    scheduler,
+                    state,
+                    extra={"command": "align", "step": done},
+                )
+    finally:
+        bar.close()
+        metrics.close()
+    if end < total:  # interrupted on purpose (--stop-after): leave a checkpoint to resume from
+        save_checkpoint(
+            os.path.join(out_dir, "checkpoint.pt"),
+            model,
+            optimizer,
+            scheduler,
+            state,
+            extra={"command": "align", "step": end},
+        )
+        _say(f"align: stopped after step {end}/{total}; resume with --resume")
+        return 0
+    _save_adapter(model, out_dir)
+    save_checkpoint(
+        os.path.join(out_dir, "checkpoint.pt"),
+        model,
+        optimizer,
+        scheduler,
+        state,
+        extra={"command": "align", "step": end},
+    )
+    _say(f"align: {total} steps done; adapter in {os.path.join(out_dir, 'adapter')}")
+    return 0
+
+
+def _precheck(collate, batches: list, what: str) -> None:
+    """Collate every batch once before anything is written, so that data the collator rejects (e.g. a
+    response truncated to zero tokens) is reported up front."""
+    for args in batches:
+        try:
+            collate(*args)
+        except (ValueError, TypeError) as e:
+            raise CLIError(f"{what}: {e}") from None
+
+
+def _checked_extra(extra, command: str, path: str) -> dict:
+    if (
+        not isinstance(extra, dict)
+        or extra.get("command") != command
+        or not isinstance(extra.get("step"), int)
+    ):
+        raise CLIError(f"--resume: {path!r} is not a checkpoint of `antibody-fast {command}`")
+    return extra
+
+
+def _run_finetune(opts: dict) -> int:
+    from .data.loaders import build_poisoned_set, load_harmful, load_task
+
+    out_dir, ckpt = _prepare_output(opts, "finetune")
+    task = load_task(opts["task"], opts["task_data"])
+    harmful = load_harmful(opts["harmful_data"]) if opts["harmful_ratio"] > 0 else []
+    try:
+        examples = build_poisoned_set(
+            task, harmful, n=opts["num_samples"], harmful_ratio=opts["harmful_ratio"], seed=opts["seed"]
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    _check_model_source(opts["model"])
+    _check_adapters(opts)
+    device = _resolve_device(opts["device"])
+
+    import torch
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .data import FinetuneCollator
+    from .steps import FinetuneConfig, sft_step, weighted_step
+
+    torch.manual_seed(opts["seed"])
+    config = FinetuneConfig(
+        tau=opts["tau"],
+        max_grad_norm=opts["max_grad_norm"] or None,
+        refusal_scoring=opts["refusal_scoring"],
+        amp_dtype=_amp(opts, device),
+        impl=opts["impl"],
+    )
+    config.check()
+    antibody = opts["method"] == "antibody"
+    model, tokenizer = _load_model(opts, device, train=True)
+    collator = FinetuneCollator(tokenizer, max_length=opts["max_length"])
+    _precheck(collator, [(examples[i : i + 64],) for i in range(0, len(examples), 64)], "user data")
+    optimizer, scheduler = _optimizer(model, opts, opts["steps"])
+    n = len(examples)
+    sum_w = torch.zeros(n, dtype=torch.float64, device=device)
+    count = torch.zeros(n, dtype=torch.float64, device=device)
+    start = 0
+    if ckpt is not None:
+        extra = _checked_extra(load_checkpoint(ckpt, model, optimizer, scheduler), "finetune", ckpt)
+        start = extra["step"]
+        if extra["sum_w"].shape != (n,):
+            raise CLIError(
+                f"--resume: {ckpt!r} was written for {extra['sum_w'].shape[0]} user samples, not {n}"
+            )
+        sum_w.copy_(extra["sum_w"])
+        count.copy_(extra["count"])
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write_text(
+        os.path.join(out_dir, "run_config.json"), json.dumps({"command": "finetune", **opts}, indent=2)
+    )
+    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start if ckpt is not None else None)
+    total, bs, seed = opts["steps"], min(opts["batch_size"], n), opts["seed"]
+    end = total if opts["stop_after"] is None else min(total, start + opts["stop_after"])
+
+    def extra_state(step):
+        return {"command": "finetune", "step": step, "sum_w": sum_w.cpu(), "count": count.cpu()}
+
+    bar = _progress(opts, total, start, f"finetune ({opts['method']})")
+    try:
+        for step in range(start, end):
+            idx = _order(n, seed, step * bs, bs)
+            batch = collator([examples[i] for i in idx])
+            ntok = int(batch.attention_mask.sum())
+            batch = batch.to(device)
+            t0 = time.perf_counter()
+            if antibody:
+                stats = weighted_step(model, batch, optimizer, config, scheduler)
+                sum_w.index_add_(0, batch.index, stats.weights.to(torch.float64))
+                count.index_add_(0, batch.index, torch.ones_like(stats.weights, dtype=torch.float64))
+            else:
+                stats = sft_step(model, batch, optimizer, config, scheduler)
+            if (step + 1) % opts["log_every"] == 0 or step + 1 == end:
+                s = stats.as_dict()
+                dt = time.perf_counter() - t0
+                row = {
+                    "step": step + 1,
+                    "lr": scheduler.get_last_lr()[0],
+                    "step_time_s": dt,
+                    "tokens_per_s": ntok / dt if dt > 0 else None,
+                    "loss": s["loss"],
+                    "grad_norm": s["grad_norm"],
+                }
+                post = {
+                    "step_s": f"{dt:.3f}",
+                    "tok/s": f"{row['tokens_per_s']:.0f}",
+                    "loss": f"{s['loss']:.4g}",
+                }
+                if antibody:
+                    w = s["weights"]
+                    row.update(
+                        {
+                            "weight_mean": sum(w) / len(w),
+                            "weight_min": min(w),
+                            "weight_max": max(w),
+                            "d_mean": sum(s["d"]) / len(s["d"]),
+                        }
+                    )
+                    for k in ("harmful_weight", "benign_weight"):
+                        v = s.get(k)
+                        row[k] = None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                        post["w_harm" if k == "harmful_weight" else "w_benign"] = (
+                            "-" if row[k] is None else f"{row[k]:.3g}"
+                        )
+                metrics.write(row)
+                bar.set_postfix(post)
+            bar.update(1)
+            done = step + 1
+            if opts["save_every"] and done % opts["save_every"] == 0 and done < total:
+                save_checkpoint(
+                    os.path.join(out_dir, "checkpoint.pt"),
+                    model,
+                    optimizer,
+                    scheduler,
+                    extra=extra_state(done),
+                )
+    finally:
+        bar.close()
+        metrics.close()
+    if end < total:
+        save_checkpoint(
+            os.path.join(out_dir, "checkpoint.pt"), model, optimizer, scheduler, extra=extra_state(end)
+        )
+        _say(f"finetune: stopped after step {end}/{total}; resume with --resume")
+        return 0
+    _save_adapter(model, out_dir)
+    save_checkpoint(
+        os.path.join(out_dir, "checkpoint.pt"), model, optimizer, scheduler, extra=extra_state(end)
+    )
+    summary = _suppression_outputs(out_dir, examples, sum_w, count, bs) if antibody else None
+    msg = f"finetune: {total} steps done; adapter in {os.path.join(out_dir, 'adapter')}"
+    if summary and summary.get("auroc_benign_vs_harmful") is not None:
+        msg += f"; suppression AUROC (benign vs harmful) = {summary['auroc_benign_vs_harmful']:.3f}"
+    _say(msg)
+    return 0
+
+
+def _run_evaluate(opts: dict) -> int:
+    from .data.loaders import load_harmful, load_task
+
+    out_dir = opts["output"]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CLIError(f"--output {out_dir!r} exists and is not a directory")
+    task_examples = (
+        load_task(opts["task"], opts["task_data"], limit=opts["num_eval"]) if opts["task_data"] else None
+    )
+    harmful_prompts = None
+    if opts["harmful_prompts"]:
+        recs = load_harmful(
+            opts["harmful_prompts"], only_unsafe=False, require_response=False, limit=opts["num_eval"]
+        )
+        harmful_prompts = [_template(r["prompt"], opts) for r in recs]
+    _check_model_source(opts["model"])
+    _check_adapters(opts)
+    if opts["judge_model"] and not os.path.isdir(opts["judge_model"]):
+        _check_model_source(opts["judge_model"])
+    device = _resolve_device(opts["device"])
+
+    from .evaluate import ClassifierJudge, RefusalPatternJudge, evaluate_model
+
+    model, tokenizer = _load_model(opts, device, train=False)
+    if opts["judge_model"]:
+        try:
+            judge = ClassifierJudge(opts["judge_model"], device=device)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--judge-model {opts['judge_model']!r}: {e}") from None
+    else:
+        judge = RefusalPatternJudge()
+    total = (len(task_examples) if task_examples else 0) + (len(harmful_prompts) if harmful_prompts else 0)
+    bar = _progress(opts, total, 0, "evaluate")
+    try:
+        result = evaluate_model(
+            model,
+            tokenizer,
+            task=opts["task"],
+            task_examples=task_examples,
+            harmful_prompts=harmful_prompts,
+            judge=judge,
+            max_new_tokens=opts["max_new_tokens"],
+            batch_size=opts["batch_size"],
+            max_prompt_length=opts["max_length"],
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    samples = result.pop("samples")
+    result["model"] = opts["model"]
+    result["adapters"] = opts["adapter"]
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write_text(os.path.join(out_dir, "samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
+    _atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(result, indent=2) + "\n")
+    parts = []
+    if result["fa"] is not None:
+        parts.append(f"FA ({opts['task']}) = {result['fa']:.2f}%")
+    if result["hs"] is not None:
+        parts.append(f"HS = {result['hs']:.2f}% [judge: {result['judge']}]")
+    _say("evaluate: " + ("; ".join(parts) if parts else "done") + f"; results in {out_dir}")
+    return 0
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+RUNNERS = {"align": _run_align, "finetune": _run_finetune, "evaluate": _run_evaluate}
+
+
+def main(command: str, argv: Sequence[str] | None = None) -> int:
+    """Run ``antibody-fast <command> <argv>`` for ``command`` in ``align``, ``finetune``, ``evaluate``.
+
+    Returns the exit status: 0 on success, 2 on a user error (message on stderr, nothing written).
+    """
+    if command not in RUNNERS:
+        _say(
+            f"antibody-fast: unknown command {command!r} for train_cli (expected one of {', '.join(COMMANDS)})"
+        )
+        return 2
+    from .data.loaders import DataError
+
+    try:
+        opts = parse_options(command, list(sys.argv[1:] if argv is None else argv))
+        return RUNNERS[command](opts)
+    except SystemExit as e:  # --help
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    except (CLIError, DataError, FileNotFoundError) as e:
+        _say(f"antibody-fast {command}: error: {e}")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    sys.exit(main(cmd, sys.argv[2:]))

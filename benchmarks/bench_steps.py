@@ -1,0 +1,238 @@
+"""Training-step benchmarks (issue 5): the lean steps against HF's plain SFT and the authors-style steps.
+
+Providers, timed in one run on the same model configuration and the same batches:
+
+* ``mode="finetune"`` group:
+  ``ours`` = :func:`antibody_fast.weighted_step` (1 forward/backward + refusal continuation, fused loss);
+  ``fused-sft`` = :func:`antibody_fast.sft_step` (plain SFT on the same fused loss: the fair baseline);
+  ``hf-sft`` = :func:`antibody_fast.reference.reference_sft_step` (HF's own loss, logits materialised);
+  ``authors`` = :func:`antibody_fast.reference.reference_finetune_step` (3 forwards + 1 backward).
+* ``mode="align"`` group:
+  ``ours`` = :func:`antibody_fast.align_step` (4 forward/backward, in-place perturbation, fused vector ops);
+  ``authors`` = :func:`antibody_fast.reference.reference_align_step` (5 forward/backward + a model copy).
+
+Configurations (LoRA r=16 on q, k, v; AdamW; ragged prompts and answers, prompt-aligned batches):
+
+* CPU (fp32): a "tiny" Llama that keeps the shape of the real cost: hidden 256, 4 layers, 4 heads (2 KV heads),
+  MLP 688, **vocab 32000** (so the lm_head matters as it does at scale); batch 8, sequence 256 (prompts up to
+  128 tokens, answers up to 128, refusals up to 32).
+* GPU (bf16 weights, ``gpu`` marker): a ~1B Llama (Llama-3.2-1B shape: hidden 2048, 16 layers, 32 heads, 8 KV
+  heads, MLP 8192, vocab 128256); batch 8, sequence 512 (prompts up to 256, answers up to 256).
+* Quick mode (``ANTIBODY_FAST_BENCH_QUICK=1``): hidden 64, 2 layers, vocab 2048, batch 4, sequence 64.
+
+``extra_info``: ``op="step"``, ``provider``, ``mode``, ``device``, ``dtype``, ``shape``, ``tokens_per_step``
+(real prompt + answer tokens of the batch(es) one step consumes) and ``peak_mem_bytes`` (one step, measured
+outside the timed region). The last case prints the ratios of the issue's targets:
+weighted/sft, authors-FT/weighted, weighted/HF-SFT, authors-align/align and align/(4 x sft).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from antibody_fast.data import AlignCollator, FinetuneCollator
+from antibody_fast.models import add_lora, tiny_llama
+from antibody_fast.reference import reference_align_step, reference_finetune_step, reference_sft_step
+from antibody_fast.steps import AlignConfig, AlignState, FinetuneConfig, align_step, sft_step, weighted_step
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    max_prompt: int
+    max_answer: int
+    max_refusal: int
+    lora_r: int = 16
+
+
+CPU = StepConfig("llama-h256-l4-v32000", 256, 4, 4, 2, 688, 32000, 8, 128, 128, 32)
+GPU = StepConfig("llama-1b-v128256", 2048, 16, 32, 8, 8192, 128256, 8, 256, 256, 48)
+QUICK = StepConfig("llama-h64-l2-v2048", 64, 2, 4, 2, 128, 2048, 4, 32, 32, 12, lora_r=8)
+
+_MEDIANS: dict[tuple[str, str], float] = {}
+
+
+def _config(device: str, quick: bool) -> StepConfig:
+    if quick:
+        return QUICK
+    return GPU if device == "cuda" else CPU
+
+
+def _examples(cfg: StepConfig, n: int, seed: int, harmful: bool | None = None) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ex = {
+            "prompt": [
+                rng.randrange(3, cfg.vocab) for _ in range(rng.randint(cfg.max_prompt // 2, cfg.max_prompt))
+            ],
+            "response": [
+                rng.randrange(3, cfg.vocab) for _ in range(rng.randint(cfg.max_answer // 2, cfg.max_answer))
+            ],
+            "index": seed * 1000 + i,
+        }
+        if harmful is not None:
+            ex["is_harmful"] = harmful if harmful else i % 4 == 0
+        out.append(ex)
+    return out
+
+
+def _pool(cfg: StepConfig) -> list[list[int]]:
+    rng = random.Random(1234)
+    return [
+        [rng.randrange(3, cfg.vocab) for _ in range(rng.randint(cfg.max_refusal // 2, cfg.max_refusal))]
+        for _ in range(16)
+    ]
+
+
+def _model(cfg: StepConfig, device: str, dtype: torch.dtype):
+    model = tiny_llama(
+        vocab_size=cfg.vocab,
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        kv_heads=cfg.kv_heads,
+        intermediate=cfg.intermediate,
+        dtype=dtype,
+        max_positions=4096,
+    )
+    model = add_lora(model, r=cfg.lora_r, targets=("q_proj", "k_proj", "v_proj"), random_init=True)
+    model.to(device)
+    # LoRA adapters in fp32 even when the base weights are bf16 (the usual mixed-precision LoRA setup)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model, opt
+
+
+@pytest.fixture(scope="module")
+def data(bench_device, quick):
+    cfg = _config(bench_device, quick)
+    pool = _pool(cfg)
+    ft = FinetuneCollator(refusals=pool, max_length=cfg.max_prompt + cfg.max_answer)(
+        _examples(cfg, cfg.batch, seed=1, harmful=False)
+    ).to(bench_device)
+    ab = AlignCollator(refusals=pool, max_length=cfg.max_prompt + cfg.max_answer)(
+        _examples(cfg, cfg.batch, seed=2), _examples(cfg, cfg.batch, seed=3, harmful=True)
+    ).to(bench_device)
+    return cfg, ft, ab
+
+
+def _tokens(*batches) -> int:
+    return int(sum(int(b.attention_mask.sum()) for b in batches))
+
+
+def _amp(device: str):
+    return torch.bfloat16 if device == "cuda" else None
+
+
+def _cases():
+    return [
+        ("finetune", "ours"),
+        ("finetune", "fused-sft"),
+        ("finetune", "hf-sft"),
+        ("finetune", "authors"),
+        ("align", "ours"),
+        ("align", "authors"),
+    ]
+
+
+def _step_fn(mode: str, provider: str, model, opt, ft, ab, device: str):
+    amp = _amp(device)
+    if mode == "finetune":
+        if provider == "ours":
+            cfg = FinetuneConfig(amp_dtype=amp)
+            return lambda: weighted_step(model, ft, opt, cfg), _tokens(ft)
+        if provider == "fused-sft":
+            cfg = FinetuneConfig(amp_dtype=amp)
+            lm = ft.answer_view()
+            return lambda: sft_step(model, lm, opt, cfg), _tokens(ft)
+        lm = ft.answer_view()
+        if provider == "hf-sft":
+            fn = lambda: reference_sft_step(model, lm, opt)
+        else:
+            fn = lambda: reference_finetune_step(model, ft, opt)
+        if amp is not None:
+            inner = fn
+            fn = lambda: _autocast_call(inner, device, amp)
+        return fn, _tokens(ft)
+    if provider == "ours":
+        state = AlignState()
+        cfg = AlignConfig(amp_dtype=amp)
+        return lambda: align_step(model, ab, opt, state, cfg), _tokens(ab.align, ab.harmful, ab.refusal)
+    ref_state: dict = {}
+    fn = lambda: reference_align_step(model, ab, opt, ref_state)
+    if amp is not None:
+        inner = fn
+        fn = lambda: _autocast_call(inner, device, amp)
+    return fn, _tokens(ab.align, ab.harmful, ab.refusal)
+
+
+def _autocast_call(fn, device, dtype):
+    with torch.autocast(device_type=device, dtype=dtype):
+        return fn()
+
+
+@pytest.mark.parametrize("mode,provider", _cases())
+def test_step(benchmark, mode, provider, data, bench_device, bench_dtype, quick, timed, peak_memory, tag):
+    cfg, ft, ab = data
+    model, opt = _model(cfg, bench_device, bench_dtype)
+    fn, tokens = _step_fn(mode, provider, model, opt, ft, ab, bench_device)
+    fn()  # first call: packing of the flat buffer, kernel compilation / extension load
+    peak = peak_memory(fn)
+    shape = {
+        "config": cfg.name,
+        "batch": cfg.batch,
+        "seq": ft.input_ids.shape[1] if mode == "finetune" else ab.harmful.input_ids.shape[1],
+        "lora_r": cfg.lora_r,
+    }
+    tag(
+        benchmark,
+        op="step",
+        provider=provider,
+        mode=mode,
+        shape=shape,
+        dtype=bench_dtype,
+        tokens_per_step=tokens,
+        peak_mem_bytes=peak,
+    )
+    rounds = None
+    if not quick and provider == "authors" and mode == "align" and bench_device == "cpu":
+        rounds = 5  # ~10 s per step on the 2-core development CPU
+    timed(benchmark, fn, rounds=rounds, warmup_rounds=1 if rounds else None)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        _MEDIANS[(mode, provider)] = stats.stats.median
+
+
+def test_report_ratios(bench_device):
+    """Prints the issue's target ratios from the medians measured above (no assertion: a report)."""
+    m = _MEDIANS
+    need = [("finetune", "ours"), ("finetune", "fused-sft"), ("finetune", "hf-sft"), ("finetune", "authors")]
+    if not all(k in m for k in need):
+        pytest.skip("the step benchmarks did not all run")
+    lines = [
+        f"device={bench_device}",
+        f"weighted_step / sft_step          = {m['finetune', 'ours'] / m['finetune', 'fused-sft']:.3f}",
+        f"authors FT / weighted_step        = {m['finetune', 'authors'] / m['finetune', 'ours']:.3f}",
+        f"weighted_step / HF SFT            = {m['finetune', 'ours'] / m['finetune', 'hf-sft']:.3f}",
+        f"sft_step / HF SFT                 = {m['finetune', 'fused-sft'] / m['finetune', 'hf-sft']:.3f}",
+    ]
+    if ("align", "ours") in m and ("align", "authors") in m:
+        lines += [
+            f"authors align / align_step        = {m['align', 'authors'] / m['align', 'ours']:.3f}",
+            f"align_step / (4 x sft_step)       = {m['align', 'ours'] / (4 * m['finetune', 'fused-sft']):.3f}",
+        ]
+    print("\n" + "\n".join(lines))
