@@ -20,8 +20,8 @@ How the benchmark files talk to the runner: each case sets ``benchmark.extra_inf
 ``launches``, ``tokens_per_step``, ``floor_s``. Cases are grouped by ``(op, mode, shape, dtype)``.
 In a group:
 
-* *ours* is the case whose provider is ``ours``, ``antibody_fast``, ``cpp`` or ``triton`` (or starts with
-  ``ours``), or whose ``extra_info["ours"]`` is true; every other provider's ratio is
+* *ours* is the case whose ``extra_info["ours"]`` is true, or, without that key, whose provider is ``ours``,
+  ``antibody_fast``, ``cpp`` or ``triton`` (or starts with ``ours``); every other provider's ratio is
   ``their median / our median`` (> 1: we are faster);
 * a *floor* case (a provider whose name contains ``floor``, e.g. ``matmul-floor``) is the time of the
   unavoidable work on this device (bare matmuls, one streaming copy); a case may instead give its floor
@@ -448,8 +448,9 @@ def _fmt_shape(shape) -> str:
 
 
 def is_ours(provider: str, extra: dict) -> bool:
-    if extra.get("ours") is True:
-        return True
+    """antibody_fast's own case: ``extra_info["ours"]`` when given, else by provider name."""
+    if "ours" in extra and extra["ours"] is not None:
+        return bool(extra["ours"])
     p = provider.lower()
     return p in OURS_PROVIDERS or p.startswith("ours")
 

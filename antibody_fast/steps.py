@@ -342,13 +342,13 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def _head_args(parts: _Parts, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """lm_head weight / bias in the hidden states' dtype (autocast: cast like HF's autocast would)."""
+def _head_args(parts: _Parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lm_head weight / bias in ``dtype`` (the loss dtype: the autocast dtype, else the hidden states')."""
     w = parts.lm_head.weight
     b = getattr(parts.lm_head, "bias", None)
-    if w.dtype != hidden.dtype:
-        w = w.to(hidden.dtype)
-        b = None if b is None else b.to(hidden.dtype)
+    if w.dtype != dtype:
+        w = w.to(dtype)
+        b = None if b is None else b.to(dtype)
     return w, b
 
 
@@ -569,7 +569,9 @@ def _token_mean_loss(
             parts, batch.input_ids, batch.attention_mask, batch.position_ids, use_cache=False
         )
     rows, labels = _answer_rows(hidden, batch.labels, p)
-    w, b = _head_args(parts, rows)
+    loss_dtype = amp_dtype or rows.dtype  # under autocast the lm_head runs in the autocast dtype, as in HF
+    rows = rows.to(loss_dtype)
+    w, b = _head_args(parts, loss_dtype)
     with _autocast(device, None):  # the fused loss runs in the hidden states' dtype
         out = linear_sequence_logprob(
             rows, w, labels, bias=b, softcap=parts.softcap, shift=False, impl=impl, validate=validate
@@ -694,7 +696,9 @@ def _weighted_loss(model, parts: _Parts, batch: FinetuneBatch, config: FinetuneC
     # the fused loss runs outside autocast, in the hidden states' dtype (fp32 accumulation inside)
     with _autocast(device, None):
         comp_rows, comp_labels = _answer_rows(hidden, batch.labels, p)
-        w_head, b_head = _head_args(parts, comp_rows)
+        loss_dtype = config.amp_dtype or comp_rows.dtype  # autocast: the lm_head in the autocast dtype
+        comp_rows, ref_rows = comp_rows.to(loss_dtype), ref_rows.to(loss_dtype)
+        w_head, b_head = _head_args(parts, loss_dtype)
         comp, ref = paired_sequence_logprob(
             w_head,
             completion=(comp_rows, comp_labels),

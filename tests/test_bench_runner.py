@@ -74,11 +74,15 @@ def test_analyse_ratios_memory_and_physical_limit():
         _case("f", "torch", [2.0, 2.0], mode="full"),
         # a group without ours: no ratios
         _case("g", "torch", [1.0], mode="bwd"),
+        # extra_info["ours"] decides over the provider name: ours-recompute is a variant compared to ours
+        _case("h", "ours", [1.0], mode="var", ours=True),
+        _case("i", "ours-recompute", [1.5], mode="var", ours=False),
     ]
     rows = [bench.summarise(c) for c in cases]
     groups = bench.analyse(rows)
     by = {r.name: r for r in rows}
-    assert len(groups) == 3
+    assert len(groups) == 4
+    assert by["h"].ours and not by["i"].ours and by["i"].speedup == 1.5
     assert by["b"].speedup == 3.0 and by["b"].mem_ratio == 8.0
     assert by["c"].speedup == 1.5 and by["c"].mem_ratio is None
     assert by["a"].limit_frac == 0.75 and by["a"].speedup is None
