@@ -11,7 +11,8 @@ The Parameter objects stay the same (optimizers built before or after packing ke
 
 Gradient views and ``zero_grad``
     Autograd accumulates *in place* into an existing ``.grad`` of matching shape/dtype, so the views stay
-    attached through any number of backward passes. ``optimizer.zero_grad()`` (``set_to_none=True`` by
+    attached through any number of backward passes (not with ``create_graph=True``: autograd then replaces
+    ``.grad`` out of place). ``optimizer.zero_grad()`` (``set_to_none=True`` by
     default) or ``model.zero_grad()`` replace ``.grad`` by None, and the next backward then allocates fresh,
     detached gradients. Use :meth:`FlatParameters.zero_grad` instead, or call
     :meth:`FlatParameters.ensure_grad_views` before backward (or after it: any detached ``.grad`` is copied
@@ -166,6 +167,7 @@ class FlatParameters:
                     p.data = grp.params[off : off + p.numel()].view(shape)
                     p.grad = gv
         self._backup: list[torch.Tensor] | None = None
+        self._in_perturbed = False
 
     # ---------------------------------------------------------------- buffers
     def _single(self, what: str) -> FlatGroup:
@@ -297,8 +299,8 @@ class FlatParameters:
         :class:`~antibody_fast.ops.flat_ops.PerturbBackup` (``.norm`` and the ``.nonfinite`` device flag).
         The backup buffers are allocated once and reused across calls. Not re-entrant.
         """
-        if self._backup is not None and getattr(self, "_in_perturbed", False):
-            raise RuntimeError("FlatParameters.perturbed is not re-entrant")
+        if self._in_perturbed:
+            raise RuntimeError("FlatParameters.perturbed is not re-entrant (theta is already perturbed)")
         if self._backup is None:
             self._backup = [torch.empty_like(b) for b in self.param_buffers]
         backup = perturb_(self.param_buffers, g, rho, eps, group=group, out=self._backup, impl=impl)

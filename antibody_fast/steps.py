@@ -220,7 +220,7 @@ class StepStats:
         completion_logprob, refusal_logprob: ``[B]`` fp32 per-token mean log-probabilities of the answer and
             of the refusal.
         harmful_weight, benign_weight: 0-dim fp32 mean weight of the flagged harmful / benign samples (when
-            the batch has ``is_harmful``; NaN when a group is empty).
+            the batch has ``is_harmful``; NaN when a group is empty; this rank's samples under DDP).
     ``align_step``:
         lambda_t: 0-dim fp32 λ after the EMA; lambda_raw: λ before it.
         cos: 0-dim fp32 ``cos(g_a, g_s)``; dots: ``[3]`` fp32 ``[<g_a,g_s>, ||g_a||^2, ||g_s||^2]``.
@@ -863,7 +863,9 @@ def align_step(
     grads = flat.grad_buffers
     stats = StepStats(loss=torch.zeros((), device=device), grad_norm=torch.zeros((), device=device))
     if need_h:
-        g_h, g_p, g_r = _work_buffers(inner, flat, 3)[:3]
+        work = _work_buffers(inner, flat, 3 if need_r else 2)
+        g_h, g_p = work[0], work[1]
+        g_r = work[2] if need_r else None
         stats.loss_harmful = pass_(batch.harmful)  # g_h
         with torch.no_grad():
             _copy_into(g_h, grads)
@@ -898,9 +900,7 @@ def align_step(
             else:
                 prev = state.lambda_ema.to(device=device, dtype=torch.float32)
                 lam = m * prev + (1.0 - m) * raw
-            antibody_combine_(
-                grads, grads, g_h, g_p, g_r if need_r else None, lam, float(config.lambda_ref), impl=impl
-            )
+            antibody_combine_(grads, grads, g_h, g_p, g_r, lam, float(config.lambda_ref), impl=impl)
         stats.dots, stats.cos, stats.lambda_raw, stats.lambda_t = dots, cos, raw, lam
         state.lambda_ema = lam
     else:

@@ -65,12 +65,18 @@ class Buffers:
         self.scratch = [torch.empty_like(self.params) for _ in range(2)]
         self.names = [f"t{i}" for i in range(len(shapes))]
 
+        self._views: dict[int, list[torch.Tensor]] = {}
+
     def views(self, flat):
-        out, off = [], 0
-        for a, b in self.shapes:
-            out.append(flat[off : off + a * b].view(a, b))
-            off += a * b
-        return out
+        """Per-tensor views (built once: a real model already has its per-tensor parameters/grads)."""
+        key = flat.data_ptr()
+        if key not in self._views:
+            out, off = [], 0
+            for a, b in self.shapes:
+                out.append(flat[off : off + a * b].view(a, b))
+                off += a * b
+            self._views[key] = out
+        return self._views[key]
 
 
 @pytest.fixture(scope="module")

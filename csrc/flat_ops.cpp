@@ -18,10 +18,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__)
+// The 32-byte vector helpers are only ever inlined into the AVX2 functions; the ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace {
 
@@ -36,8 +42,9 @@ using at::Tensor;
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AF_HAS_AVX2_PATH 1
 #define AF_TARGET_AVX2 __attribute__((target("avx2")))
+// ANTIBODY_FAST_CPP_NO_AVX2=1 forces the baseline build (tests check that both give bit-identical results).
 bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2");
+  static const bool ok = __builtin_cpu_supports("avx2") && std::getenv("ANTIBODY_FAST_CPP_NO_AVX2") == nullptr;
   return ok;
 }
 #else
@@ -58,53 +65,63 @@ AF_INLINE acc_of<T> up(T v) {
 }
 
 // ---------------------------------------------------------------------------------------------- bodies
-// Reductions use GCC/Clang vector extensions of the native 16-byte width (SSE registers: no spills, on
-// every x86-64): kLanes / NV accumulator vectors, lane l summing the elements i = l (mod kLanes) of a run.
-// The same arithmetic whatever the ISA. Memory-bound: 16 fp32 lanes per iteration are plenty.
+// Reductions use GCC/Clang vector extensions of the native width W (16 bytes: SSE, baseline x86-64; 32 bytes:
+// the AVX2 build): kLanes / NV accumulator vectors, lane l summing the elements i = l (mod kLanes) of a run,
+// lanes folded in order -- the same arithmetic, bit for bit, whatever the ISA.
 typedef float v4f __attribute__((vector_size(16)));
 typedef double v2d __attribute__((vector_size(16)));
-template <typename A>
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+template <typename A, int W>
 struct VecOf;
 template <>
-struct VecOf<float> {
+struct VecOf<float, 16> {
   using type = v4f;
 };
 template <>
-struct VecOf<double> {
+struct VecOf<double, 16> {
   using type = v2d;
 };
-template <typename T>
-using vec_of = typename VecOf<acc_of<T>>::type;
-template <typename T>
-constexpr int kNV = 16 / sizeof(acc_of<T>);  // lanes per vector
-template <typename T>
-constexpr int kNAcc = kLanes / kNV<T>;  // accumulator vectors
+template <>
+struct VecOf<float, 32> {
+  using type = v8f;
+};
+template <>
+struct VecOf<double, 32> {
+  using type = v4d;
+};
+template <typename T, int W>
+using vec_of = typename VecOf<acc_of<T>, W>::type;
+template <typename T, int W>
+constexpr int kNV = W / sizeof(acc_of<T>);  // lanes per vector
+template <typename T, int W>
+constexpr int kNAcc = kLanes / kNV<T, W>;  // accumulator vectors
 
-template <typename T>
-AF_INLINE vec_of<T> loadv(const T* p) {
-  vec_of<T> v;
+template <int W, typename T>
+AF_INLINE vec_of<T, W> loadv(const T* p) {
+  vec_of<T, W> v;
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     std::memcpy(&v, p, sizeof(v));
   } else {
-    for (int l = 0; l < kNV<T>; ++l) v[l] = static_cast<float>(p[l]);
+    for (int l = 0; l < kNV<T, W>; ++l) v[l] = static_cast<float>(p[l]);
   }
   return v;
 }
 
-template <typename T>
-AF_INLINE double fold(const vec_of<T>* acc) {
+template <int W, typename T>
+AF_INLINE double fold(const vec_of<T, W>* acc) {
   double s = 0.0;
-  for (int j = 0; j < kNAcc<T>; ++j)
-    for (int l = 0; l < kNV<T>; ++l) s += static_cast<double>(acc[j][l]);
+  for (int j = 0; j < kNAcc<T, W>; ++j)
+    for (int l = 0; l < kNV<T, W>; ++l) s += static_cast<double>(acc[j][l]);
   return s;
 }
 
 // sum of x^2 over [lo, hi) (hi - lo <= kBlock), folded per run into fp64
-template <typename T>
+template <int W, typename T>
 AF_INLINE double sumsq_body(const T* __restrict x, int64_t lo, int64_t hi) {
   using A = acc_of<T>;
-  using V = vec_of<T>;
-  constexpr int NV = kNV<T>, NA = kNAcc<T>;
+  using V = vec_of<T, W>;
+  constexpr int NV = kNV<T, W>, NA = kNAcc<T, W>;
   double total = 0.0;
   for (int64_t r = lo; r < hi; r += kRun) {
     const int64_t re = std::min(hi, r + kRun);
@@ -113,11 +130,11 @@ AF_INLINE double sumsq_body(const T* __restrict x, int64_t lo, int64_t hi) {
     for (; i + kLanes <= re; i += kLanes) {
 #pragma GCC unroll 16
       for (int j = 0; j < NA; ++j) {
-        const V v = loadv(x + i + j * NV);
+        const V v = loadv<W>(x + i + j * NV);
         acc[j] += v * v;
       }
     }
-    double s = fold<T>(acc);
+    double s = fold<W, T>(acc);
     for (; i < re; ++i) {
       const A v = up(x[i]);
       s += static_cast<double>(v * v);
@@ -128,12 +145,12 @@ AF_INLINE double sumsq_body(const T* __restrict x, int64_t lo, int64_t hi) {
 }
 
 // (<a, h-p>, |a|^2, |h-p|^2) over [lo, hi)
-template <typename T>
+template <int W, typename T>
 AF_INLINE void dots_body(const T* __restrict a, const T* __restrict h, const T* __restrict p, int64_t lo,
                          int64_t hi, double* out) {
   using A = acc_of<T>;
-  using V = vec_of<T>;
-  constexpr int NV = kNV<T>, NA = kNAcc<T>;
+  using V = vec_of<T, W>;
+  constexpr int NV = kNV<T, W>, NA = kNAcc<T, W>;
   for (int64_t r = lo; r < hi; r += kRun) {
     const int64_t re = std::min(hi, r + kRun);
     V d[NA] = {}, aa[NA] = {}, ss[NA] = {};
@@ -142,14 +159,14 @@ AF_INLINE void dots_body(const T* __restrict a, const T* __restrict h, const T* 
 #pragma GCC unroll 16
       for (int j = 0; j < NA; ++j) {
         const int64_t o = i + j * NV;
-        const V va = loadv(a + o);
-        const V vs = loadv(h + o) - loadv(p + o);
+        const V va = loadv<W>(a + o);
+        const V vs = loadv<W>(h + o) - loadv<W>(p + o);
         d[j] += va * vs;
         aa[j] += va * va;
         ss[j] += vs * vs;
       }
     }
-    double sd = fold<T>(d), sa = fold<T>(aa), sss = fold<T>(ss);
+    double sd = fold<W, T>(d), sa = fold<W, T>(aa), sss = fold<W, T>(ss);
     for (; i < re; ++i) {
       const A va = up(a[i]);
       const A s = up(h[i]) - up(p[i]);
@@ -192,13 +209,13 @@ AF_INLINE void scale_body(T* __restrict x, int64_t lo, int64_t hi, acc_of<T> c) 
 // One baseline and one AVX2 instance of every body per dtype; `Kern<T>` picks at run time.
 #if AF_HAS_AVX2_PATH
 #define AF_DEFINE_KERNELS(T, SUF)                                                                            \
-  double sumsq_##SUF(const T* x, int64_t lo, int64_t hi) { return sumsq_body(x, lo, hi); }                    \
-  AF_TARGET_AVX2 double sumsq_avx2_##SUF(const T* x, int64_t lo, int64_t hi) { return sumsq_body(x, lo, hi); } \
+  double sumsq_##SUF(const T* x, int64_t lo, int64_t hi) { return sumsq_body<16>(x, lo, hi); }                    \
+  AF_TARGET_AVX2 double sumsq_avx2_##SUF(const T* x, int64_t lo, int64_t hi) { return sumsq_body<32>(x, lo, hi); } \
   void dots_##SUF(const T* a, const T* h, const T* p, int64_t lo, int64_t hi, double* o) {                    \
-    dots_body(a, h, p, lo, hi, o);                                                                            \
+    dots_body<16>(a, h, p, lo, hi, o);                                                                        \
   }                                                                                                           \
   AF_TARGET_AVX2 void dots_avx2_##SUF(const T* a, const T* h, const T* p, int64_t lo, int64_t hi, double* o) { \
-    dots_body(a, h, p, lo, hi, o);                                                                            \
+    dots_body<32>(a, h, p, lo, hi, o);                                                                        \
   }                                                                                                           \
   void axpy_##SUF(T* t, const T* g, int64_t lo, int64_t hi, acc_of<T> s) { axpy_body(t, g, lo, hi, s); }     \
   AF_TARGET_AVX2 void axpy_avx2_##SUF(T* t, const T* g, int64_t lo, int64_t hi, acc_of<T> s) {                \
@@ -217,9 +234,9 @@ AF_INLINE void scale_body(T* __restrict x, int64_t lo, int64_t hi, acc_of<T> c) 
 #define AF_PICK(name, SUF) (cpu_has_avx2() ? name##_avx2_##SUF : name##_##SUF)
 #else
 #define AF_DEFINE_KERNELS(T, SUF)                                                                            \
-  double sumsq_##SUF(const T* x, int64_t lo, int64_t hi) { return sumsq_body(x, lo, hi); }                    \
+  double sumsq_##SUF(const T* x, int64_t lo, int64_t hi) { return sumsq_body<16>(x, lo, hi); }                    \
   void dots_##SUF(const T* a, const T* h, const T* p, int64_t lo, int64_t hi, double* o) {                    \
-    dots_body(a, h, p, lo, hi, o);                                                                            \
+    dots_body<16>(a, h, p, lo, hi, o);                                                                        \
   }                                                                                                           \
   void axpy_##SUF(T* t, const T* g, int64_t lo, int64_t hi, acc_of<T> s) { axpy_body(t, g, lo, hi, s); }     \
   void combine_##SUF(T* o, const T* a, const T* h, const T* p, const T* r, int64_t lo, int64_t hi,           \

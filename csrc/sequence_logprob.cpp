@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -286,9 +287,19 @@ std::vector<int64_t> scored_rows(const Tensor& targets_c, const Tensor& seq_ids_
   return rows;
 }
 
+int64_t chunk_elems() {
+  // logits per chunk: 8M (32 MiB in fp32) unless ANTIBODY_FAST_CPP_CHUNK_ELEMS says otherwise (tuning)
+  static const int64_t n = [] {
+    const char* e = std::getenv("ANTIBODY_FAST_CPP_CHUNK_ELEMS");
+    const long long v = e ? std::atoll(e) : 0;
+    return v > 0 ? static_cast<int64_t>(v) : (int64_t(1) << 23);
+  }();
+  return n;
+}
+
 int64_t chunk_rows(int64_t V) {
-  // ~8M logits per chunk (32 MiB in fp32), at least 16 rows, multiple of 16 for the matmul.
-  int64_t c = (int64_t(1) << 23) / std::max<int64_t>(V, 1);
+  // chunk_elems() logits per chunk, at least 16 rows, multiple of 16 for the matmul.
+  int64_t c = chunk_elems() / std::max<int64_t>(V, 1);
   c = std::max<int64_t>(16, std::min<int64_t>(c, 4096));
   return c / 16 * 16;
 }

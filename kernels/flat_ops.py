@@ -120,11 +120,34 @@ def _sum_partials_kernel(
 
 
 @triton.jit
+def _load_sq(
+    SQ_ptr, PART_ptr, n_parts, FROM_PARTS: tl.constexpr, SQ_FP64: tl.constexpr, BLOCK_P: tl.constexpr
+):
+    """The squared norm: read from SQ_ptr, or (FROM_PARTS) summed from the fp64 partials of
+    _sq_norm_partial_kernel, in the same order as _sum_partials_kernel (every program gets the same value)."""
+    if FROM_PARTS:
+        cols = tl.arange(0, BLOCK_P)
+        acc = tl.zeros([BLOCK_P], dtype=tl.float64)
+        for start in range(0, n_parts, BLOCK_P):
+            offs = start + cols
+            acc += tl.load(PART_ptr + offs, mask=offs < n_parts, other=0.0)
+        sq = tl.sum(acc, axis=0)
+        if not SQ_FP64:
+            sq = sq.to(tl.float32)
+    else:
+        sq = tl.load(SQ_ptr)
+    return sq
+
+
+@triton.jit
 def _perturb_kernel(
     T_ptr,
     B_ptr,
     G_ptr,
     SQ_ptr,
+    PART_ptr,
+    n_parts,
+    SQ_OUT_ptr,
     FLAG_ptr,
     n,
     rho,
@@ -133,24 +156,31 @@ def _perturb_kernel(
     IS_FP64: tl.constexpr,
     WRITE_FLAG: tl.constexpr,
     SQ_FP64: tl.constexpr,
+    FROM_PARTS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
+    # persistent grid: each program strides over blocks (few programs, so the partials are read few times)
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
-    sq = tl.load(SQ_ptr)  # fp32, or fp64 when a buffer is fp64
+    nprog = tl.num_programs(0).to(tl.int64)
+    sq = _load_sq(SQ_ptr, PART_ptr, n_parts, FROM_PARTS, SQ_FP64, BLOCK_P)  # fp32, or fp64 (fp64 buffers)
     finite = sq < float("inf")  # sq >= 0: False exactly for inf and nan
     ok = finite & (sq > 0.0)
     norm = _ieee_sqrt(sq, SQ_FP64)
-    scale = tl.where(ok, _ieee_div(tl.zeros_like(sq) + rho, norm + eps, SQ_FP64), 0.0)
+    scale = _upcast(tl.where(ok, _ieee_div(tl.zeros_like(sq) + rho, norm + eps, SQ_FP64), 0.0), IS_FP64)
     if WRITE_FLAG:
         tl.store(FLAG_ptr, tl.where(finite, 0, 1).to(tl.int8), mask=pid == 0)
-    t_raw = tl.load(T_ptr + offs, mask=mask)
-    tl.store(B_ptr + offs, t_raw, mask=mask)
-    upd = offs < tl.where(ok, n, 0)  # mask & ok (the interpreter rejects bool block & bool scalar)
-    g = _upcast(tl.load(G_ptr + offs, mask=upd, other=0.0), IS_FP64)
-    t = _upcast(t_raw, IS_FP64)
-    new = t - _upcast(scale, IS_FP64) * g
-    tl.store(T_ptr + offs, new.to(T_ptr.dtype.element_ty), mask=upd)
+        tl.store(SQ_OUT_ptr, sq.to(SQ_OUT_ptr.dtype.element_ty), mask=pid == 0)
+    lim = tl.where(ok, n, 0)  # zero or non-finite norm: theta untouched, g not even read
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    for start in range(pid * BLOCK, n, nprog * BLOCK):
+        offs = start + cols
+        mask = offs < n
+        t_raw = tl.load(T_ptr + offs, mask=mask)
+        tl.store(B_ptr + offs, t_raw, mask=mask)
+        upd = offs < lim  # mask & ok (the interpreter rejects bool block & bool scalar)
+        g = _upcast(tl.load(G_ptr + offs, mask=upd, other=0.0), IS_FP64)
+        new = _upcast(t_raw, IS_FP64) - scale * g
+        tl.store(T_ptr + offs, new.to(T_ptr.dtype.element_ty), mask=upd)
 
 
 @triton.jit
@@ -204,6 +234,8 @@ def _combine_kernel(
 def _clip_scale_kernel(
     G_ptr,
     SQ_ptr,
+    PART_ptr,
+    n_parts,
     NORM_ptr,
     n,
     max_norm,
@@ -211,19 +243,26 @@ def _clip_scale_kernel(
     IS_FP64: tl.constexpr,
     WRITE_NORM: tl.constexpr,
     SQ_FP64: tl.constexpr,
+    FROM_PARTS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    sq = tl.load(SQ_ptr)
+    nprog = tl.num_programs(0).to(tl.int64)
+    sq = _load_sq(SQ_ptr, PART_ptr, n_parts, FROM_PARTS, SQ_FP64, BLOCK_P)
     norm = _ieee_sqrt(sq, SQ_FP64)
     coef = _ieee_div(tl.zeros_like(sq) + max_norm, norm + 1e-6, SQ_FP64)
     coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN (torch's clamp(max=1))
     if WRITE_NORM:
         tl.store(NORM_ptr, norm.to(NORM_ptr.dtype.element_ty), mask=pid == 0)
-    # coef == 1 is the identity: skip the pass (also skips all memory traffic when nothing is clipped)
-    mask = offs < tl.where(coef != 1.0, n, 0)
-    x = _upcast(tl.load(G_ptr + offs, mask=mask, other=0.0), IS_FP64)
-    tl.store(G_ptr + offs, (x * _upcast(coef, IS_FP64)).to(G_ptr.dtype.element_ty), mask=mask)
+    # coef == 1 is the identity: skip the pass (no memory traffic at all when nothing is clipped)
+    lim = tl.where(coef != 1.0, n, 0)
+    c = _upcast(coef, IS_FP64)
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    for start in range(pid * BLOCK, lim, nprog * BLOCK):
+        offs = start + cols
+        mask = offs < lim
+        x = _upcast(tl.load(G_ptr + offs, mask=mask, other=0.0), IS_FP64)
+        tl.store(G_ptr + offs, (x * c).to(G_ptr.dtype.element_ty), mask=mask)
 
 
 __all__ = [
@@ -231,6 +270,7 @@ __all__ = [
     "_sq_norm_partial_kernel",
     "_grad_dots_partial_kernel",
     "_sum_partials_kernel",
+    "_load_sq",
     "_perturb_kernel",
     "_copy_kernel",
     "_combine_kernel",

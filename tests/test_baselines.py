@@ -81,6 +81,29 @@ def test_vaccine_equals_reference(opt):
     _assert_params(_params(lean), _params(ref))
 
 
+def test_vaccine_and_lisa_on_qwen2_with_lora():
+    """Another architecture (q/k/v biases), PEFT-wrapped: only the adapters train, lean == reference."""
+    from antibody_fast.models import add_lora, tiny_qwen2
+
+    def make():
+        m = tiny_qwen2(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, seed=1)
+        return add_lora(m, r=4, targets=("q_proj", "v_proj", "o_proj"), seed=2, random_init=True)
+
+    lean, ref = make(), make()
+    assert len(find_attention_modules(lean)) == 2
+    o_lean, o_ref = _opt(lean, "adamw"), _opt(ref, "adamw")
+    frozen_before = [p.detach().clone() for p in lean.parameters() if not p.requires_grad]
+    cfg = LisaConfig(align_steps=1, finetune_steps=1, rho=0.5)
+    s_lean, s_ref = LisaState(), LisaState()
+    for step in range(2):
+        vaccine_step(lean, _batch(10 + step), o_lean, rho=1.0)
+        reference_vaccine_step(ref, _batch(10 + step), o_ref, rho=1.0)
+        lisa_step(lean, _batch(20 + step), o_lean, s_lean, cfg)
+        reference_lisa_step(ref, _batch(20 + step), o_ref, s_ref, cfg)
+    _assert_params(_params(lean), _params(ref))
+    _assert_params([p.detach() for p in lean.parameters() if not p.requires_grad], frozen_before)
+
+
 def test_vaccine_float64_oracle():
     """fp32 lean step against the float64 naive reference (SGD: the update is linear in the gradient)."""
     lean = _model()

@@ -604,3 +604,126 @@ def test_no_host_sync_cuda(dtype):
     torch.cuda.synchronize()
     assert all(torch.equal(t, t0) for t, t0 in zip(theta, theta0))
     assert_close(dots, expected_dots, dtype_for_tol=dtype)
+
+
+_DETERMINISM_SCRIPT = """
+import sys, torch
+from antibody_fast.ops import flat_ops as F
+g = torch.Generator().manual_seed(0)
+xs = [torch.randn(n, generator=g) for n in (100_003, 77)]
+h = [torch.randn(x.shape, generator=g) for x in xs]
+p = [torch.randn(x.shape, generator=g) for x in xs]
+th = [torch.randn(x.shape, generator=g) for x in xs]
+F.perturb_(th, h, 0.1, impl="cpp")
+out = [F.sq_norm(xs, impl="cpp").reshape(1), F.grad_dots(xs, h, p, impl="cpp"), F.sq_norm(
+    [x.to(torch.bfloat16) for x in xs], impl="cpp").reshape(1)] + th
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="C++ extension not built")
+def test_cpp_results_identical_across_isa_and_threads(tmp_path):
+    """The AVX2 and baseline builds, with 1 or 2 threads, give bit-identical results (fixed lanes/blocks)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "det.py"
+    script.write_text(_DETERMINISM_SCRIPT)
+    results = []
+    for no_avx2, threads in (("0", "2"), ("1", "1")):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        env.pop("ANTIBODY_FAST_CPP_NO_AVX2", None)
+        if no_avx2 == "1":
+            env["ANTIBODY_FAST_CPP_NO_AVX2"] = "1"
+        path = tmp_path / f"out{no_avx2}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], env=env, check=True, timeout=120)
+        results.append(torch.load(path))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl,device,dtype", impl_cases((torch.float32,)))
+def test_tiny_groups(impl, device, dtype):
+    """Groups of 1, 16 and 33 elements (Triton specialises n == 1; remainders of the C++ lanes)."""
+    sizes = (1, 16, 33)
+    mk = lambda s: [_rand(n, dtype, device, s * 10 + i) for i, n in enumerate(sizes)]
+    a, h, p, r, th = mk(1), mk(2), mk(3), mk(4), mk(5)
+    oracle = _cat64(a).square().sum().reshape(())
+    assert_close_to_oracle(F.sq_norm(a, impl=impl), F.sq_norm(a, impl="torch"), oracle, dtype=dtype)
+    th0 = [t.clone() for t in th]
+    b = F.perturb_(th, h, 0.1, impl=impl)
+    ref = torch.cat([t.double().cpu() for t in F.perturb_reference(th0, h, 0.1)])
+    o = _cat64(th0) - 0.1 * _cat64(h) / (_cat64(h).norm() + 1e-7)
+    assert_close_to_oracle(_cat64(th), ref, o, dtype=dtype, name="perturb tiny")
+    F.restore_(th, b, impl=impl)
+    assert all(torch.equal(x, y) for x, y in zip(th, th0))
+    out = [poison_(torch.empty_like(x)) for x in a]
+    F.antibody_combine_(out, a, h, p, r, 0.5, 0.25, impl=impl)
+    o = _cat64(a) + 0.5 * (_cat64(h) - _cat64(p)) + 0.25 * _cat64(r)
+    ref = torch.cat([x.double().cpu() for x in F.antibody_combine_reference(a, h, p, r, 0.5, 0.25)])
+    assert_close_to_oracle(_cat64(out), ref, o, dtype=dtype, name="combine tiny")
+    d = F.grad_dots(a, h, p, impl=impl)
+    s64 = _cat64(h) - _cat64(p)
+    o = torch.stack([_cat64(a) @ s64, _cat64(a) @ _cat64(a), s64 @ s64])
+    assert_close_to_oracle(d, F.grad_dots(a, h, p, impl="torch"), o, dtype=dtype, name="dots tiny")
+    norm = F.clip_(a, 0.5, impl=impl)
+    assert_close(norm.cpu(), oracle.sqrt().float(), dtype_for_tol=dtype)
+
+
+def test_perturbed_not_reentrant():
+    flat = FlatParameters(_tiny_linear_model())
+    theta0 = flat.params.clone()
+    g = torch.randn(flat.numel)
+    with flat.perturbed(g, 0.1):
+        with pytest.raises(RuntimeError, match="re-entrant"):
+            with flat.perturbed(g, 0.1):
+                pass
+    assert torch.equal(flat.params, theta0)
+
+
+def _dist_worker(rank, world, store_path, out_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(0)
+        full = torch.randn(2 * 1001, generator=g)
+        full_h = torch.randn(2 * 1001, generator=g)
+        theta_full = torch.randn(2 * 1001, generator=g)
+        shard = slice(rank * 1001, (rank + 1) * 1001)  # each rank holds half of every flat tensor
+        x, h = full[shard].clone(), full_h[shard].clone()
+        theta = theta_full[shard].clone()
+        sq = F.sq_norm(x, group=dist.group.WORLD, impl="torch")
+        dots = F.grad_dots(x, h, x * 0.5, group=dist.group.WORLD, impl="cpp" if _cpp_available() else "torch")
+        b = F.perturb_(theta, h, 0.1, group=dist.group.WORLD)
+        clipped = x.clone()
+        norm = F.clip_(clipped, 1.0, group=dist.group.WORLD)
+        torch.save(
+            {"sq": sq, "dots": dots, "theta": theta, "norm": norm, "clipped": clipped, "bnorm": b.norm},
+            f"{out_path}.{rank}",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_process_group_gives_global_norms(tmp_path):
+    """Two gloo ranks, each with half of the flat tensors: norms/dots/perturb/clip equal the unsharded ones."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "res")
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    res = [torch.load(f"{out}.{r}") for r in range(2)]
+    g = torch.Generator().manual_seed(0)
+    full, full_h, theta_full = (torch.randn(2 * 1001, generator=g) for _ in range(3))
+    f64, h64 = full.double(), full_h.double()
+    s64 = h64 - 0.5 * f64
+    for r in res:
+        assert_close(r["sq"], f64.square().sum().float())
+        assert_close(r["dots"], torch.stack([f64 @ s64, f64 @ f64, s64 @ s64]).float())
+        assert_close(r["bnorm"], h64.norm().float())
+        assert_close(r["norm"], f64.norm().float())
+    theta = torch.cat([r["theta"] for r in res])
+    assert_close(theta, (theta_full.double() - 0.1 * h64 / (h64.norm() + 1e-7)).float())
+    clipped = torch.cat([r["clipped"] for r in res])
+    assert_close(clipped, (f64 * min(1.0, 1.0 / (f64.norm().item() + 1e-6))).float())

@@ -469,3 +469,28 @@ def test_triton_logits_bfloat16_gpu():
     o.logprob.sum().backward()
     assert_close_to_oracle(out.logprob, r.logprob, o.logprob, dtype=torch.bfloat16, name="logprob")
     assert_close_to_oracle(x.grad, xr.grad, xo.grad, dtype=torch.bfloat16, name="d_logits")
+
+
+@pytest.mark.parametrize("strategy", ["precompute", "recompute"])
+def test_torch_path_without_compaction(monkeypatch, strategy):
+    # the torch path's CUDA branch (no nonzero: every row processed, masked), exercised on CPU
+    monkeypatch.setattr(slp, "_compact", lambda device: False)
+    monkeypatch.setattr(slp, "_TORCH_CHUNK_ELEMS", 10 * 100)  # several chunks
+    monkeypatch.setenv("ANTIBODY_FAST_FROZEN_STRATEGY", strategy)
+    gen = torch.Generator().manual_seed(17)
+    hidden, weight, bias = _inputs(3, 11, 8, 100, gen)
+    labels = _labels(3, 11, 100, gen)
+    h = hidden.clone().requires_grad_()
+    out = slp.linear_sequence_logprob(h, weight, labels, bias=bias, softcap=5.0, impl="torch")
+    (out.logprob * torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)).sum().backward()
+    ho = hidden.clone().requires_grad_()
+    ref = slp.linear_sequence_logprob_reference(ho, weight, labels, bias=bias, softcap=5.0)
+    (ref.logprob * torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)).sum().backward()
+    assert_close(out.logprob, ref.logprob, name="logprob")
+    assert_close(h.grad, ho.grad, name="d_hidden")
+    x = (hidden @ weight.t()).requires_grad_()
+    lp = slp.sequence_logprob(x, labels, impl="torch").logprob
+    lp.sum().backward()
+    xo = x.detach().clone().requires_grad_()
+    slp.sequence_logprob_reference(xo, labels).logprob.sum().backward()
+    assert_close(x.grad, xo.grad, name="d_logits")

@@ -130,6 +130,24 @@ def test_prefix_cache_scoring_equals_full(arch, monkeypatch):
     _assert_params_close(m_cache, m_full)
 
 
+def test_prefix_cache_declines_when_sliding_window_is_reached(monkeypatch):
+    """Gemma-2 with a sliding window shorter than the batch: the cache has dropped prompt keys, so the
+    refusal is scored with a full forward, and the result still equals the reference."""
+    calls = []
+    real = steps._crop_to_prompt
+    monkeypatch.setattr(steps, "_crop_to_prompt", lambda *a: calls.append(real(*a)) or calls[-1])
+    m_ours, m_ref = _pair("gemma2", sliding_window=6)
+    o_ours, o_ref = _opt(m_ours), _opt(m_ref)
+    batch = make_finetune_batch(4, seed=7, prompt_len=(4, 7), answer_len=(3, 6))
+    assert batch.input_ids.shape[1] >= 6
+    st = weighted_step(m_ours, batch, o_ours)
+    ref = reference_finetune_step(m_ref, batch, o_ref)
+    assert calls == [False]
+    assert_close(st.refusal_logprob, ref["refusal_logprob"], name="refusal_logprob")
+    assert_close(st.weights, ref["weights"], name="weights")
+    _assert_params_close(m_ours, m_ref)
+
+
 def test_prefix_cache_falls_back_under_gradient_checkpointing():
     m_ours, m_ref = _pair("llama")
     m_ours.train()
@@ -171,6 +189,32 @@ def test_weighted_step_autocast_bf16_runs_close_to_fp32():
     assert st.loss.dtype == torch.float32 and torch.isfinite(st.loss)
     assert_close(st.loss, ref["loss"], dtype_for_tol=torch.bfloat16, name="bf16 loss")
     assert_close(st.weights, ref["weights"], dtype_for_tol=torch.bfloat16, name="bf16 weights")
+
+
+@pytest.mark.gpu
+def test_steps_on_cuda_fp32_and_bf16_autocast():
+    """CUDA: fp32 steps equal the reference; under bf16 autocast the statistics stay within bf16 tolerance."""
+    m_ours, m_ref = (m.to("cuda") for m in _pair("llama"))
+    o_ours, o_ref = _opt(m_ours), _opt(m_ref)
+    state, ref_state = AlignState(), {}
+    for step in range(2):
+        batch = make_finetune_batch(5, seed=step).to("cuda")
+        st = weighted_step(m_ours, batch, o_ours)
+        ref = reference_finetune_step(m_ref, batch, o_ref)
+        assert_close(st.weights, ref["weights"], name="cuda weights")
+        ab = make_align_batch(seed=step).to("cuda")
+        st_a = align_step(m_ours, ab, o_ours, state)
+        ref_a = reference_align_step(m_ref, ab, o_ref, ref_state)
+        assert_close(st_a.lambda_t, ref_a["lambda_t"], name="cuda lambda")
+        assert state.lambda_ema.device.type == "cuda"
+    _assert_params_close(m_ours, m_ref, "cuda: ")
+
+    m_amp, m_fp32 = (m.to("cuda") for m in _pair("llama"))
+    batch = make_finetune_batch(5, seed=9).to("cuda")
+    st = weighted_step(m_amp, batch, _opt(m_amp), FinetuneConfig(amp_dtype=torch.bfloat16))
+    ref = reference_finetune_step(m_fp32, batch, _opt(m_fp32))
+    assert_close(st.weights, ref["weights"], dtype_for_tol=torch.bfloat16, name="bf16 weights")
+    assert_close(st.loss, ref["loss"], dtype_for_tol=torch.bfloat16, name="bf16 loss")
 
 
 # --------------------------------------------------------------------------------------------- sft_step

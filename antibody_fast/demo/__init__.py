@@ -26,30 +26,26 @@ def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
         description="Antibody vs SFT, Vaccine, Lisa and Booster on a tiny Llama trained from scratch (CPU, "
         "no download). Writes report.md, report.json, weights.png and hs_fa.png into --out.",
     )
-    p.add_argument("--harmful-ratio", type=float, default=d.harmful_ratio, help="fraction of harmful samples in "
-                   f"the user's fine-tuning set, in [0, 1] (default {d.harmful_ratio})")  # fmt: skip
-    p.add_argument(
-        "--samples", type=int, default=None, help=f"size of the user's fine-tuning set (default {d.samples})"
-    )
-    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
-    p.add_argument("--methods", type=str, default=",".join(ALL_METHODS),
-                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all)")  # fmt: skip
-    p.add_argument(
-        "--steps", type=int, default=None, help=f"fine-tuning steps per method (default {d.steps})"
-    )
-    p.add_argument(
-        "--align-steps", type=int, default=None, help=f"alignment steps per method (default {d.align_steps})"
-    )
-    p.add_argument(
-        "--base-steps", type=int, default=None, help=f"base-training steps (default {d.base_steps})"
-    )
-    p.add_argument("--threads", type=int, default=d.threads, help=f"torch CPU threads, fixed for reproducibility "
-                   f"(default {d.threads})")  # fmt: skip
-    p.add_argument("--out", type=str, default=d.out, help=f"output directory (default ./{d.out})")
-    p.add_argument(
-        "--quick", action="store_true", help="tiny seconds-scale run for tests (numbers not meaningful)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # fmt: off
+    add = p.add_argument
+    add("--harmful-ratio", type=float, default=d.harmful_ratio,
+        help=f"fraction of harmful samples in the user's fine-tuning set, in [0, 1] (default {d.harmful_ratio:g})")
+    add("--samples", type=int, default=None, help=f"size of the user's fine-tuning set (default {d.samples})")
+    add("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    add("--methods", type=str, default=",".join(ALL_METHODS),
+        help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all)")
+    add("--steps", type=int, default=None, help=f"fine-tuning steps per method (default {d.steps})")
+    add("--align-steps", type=int, default=None, help=f"alignment steps per method (default {d.align_steps})")
+    add("--base-steps", type=int, default=None, help=f"base-training steps (default {d.base_steps})")
+    add("--align-lr", type=float, default=None, help=f"AdamW learning rate of stage 1 (default {d.align_lr:g})")
+    add("--finetune-lr", type=float, default=None,
+        help=f"AdamW learning rate of stage 2 (default {d.finetune_lr:g})")
+    add("--threads", type=int, default=d.threads,
+        help=f"torch CPU threads, fixed for reproducibility (default {d.threads})")
+    add("--out", type=str, default=d.out, help=f"output directory (default ./{d.out})")
+    add("--quick", action="store_true", help="tiny seconds-scale run for tests (numbers not meaningful)")
+    add("--no-progress", action="store_true", help="no progress bars")
+    # fmt: on
     return p
 
 
@@ -66,7 +62,7 @@ def config_from_args(args: argparse.Namespace):
         out=args.out,
         progress=not args.no_progress,
     )
-    for name in ("samples", "steps", "align_steps", "base_steps"):
+    for name in ("samples", "steps", "align_steps", "base_steps", "align_lr", "finetune_lr"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v

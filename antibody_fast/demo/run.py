@@ -38,6 +38,7 @@ import platform
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -128,6 +129,9 @@ class DemoConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.samples < self.batch_size:
             raise ValueError(f"--samples ({self.samples}) must be >= the batch size ({self.batch_size})")
+        for name in ("base_lr", "align_lr", "finetune_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("align_samples", "eval_harmful", "eval_benign"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -291,9 +295,15 @@ class Runner:
 
         model = build_model(self.cfg)
         model.load_state_dict(state)
-        model = add_lora(
-            model, r=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, targets=LORA_TARGETS, seed=self.cfg.seed
-        )
+        with warnings.catch_warnings():  # peft asks transformers 5.x a deprecated attribute
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = add_lora(
+                model,
+                r=self.cfg.lora_rank,
+                alpha=self.cfg.lora_alpha,
+                targets=LORA_TARGETS,
+                seed=self.cfg.seed,
+            )
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         return model, opt
 
@@ -451,9 +461,12 @@ def plot(report: dict, out: str) -> list[str]:
     ax.bar([i - 0.2 for i in x], [r["hs"] for r in rows], width=0.4, color="tab:red", label="HS (%) ↓")
     ax.bar([i + 0.2 for i in x], [r["fa"] for r in rows], width=0.4, color="tab:green", label="FA (%) ↑")
     ax.set_xticks(list(x), [r["label"] for r in rows])
-    ax.set_ylim(0, 105)
-    ax.set_title(f"harmful ratio {report['config']['harmful_ratio']:g}, seed {report['config']['seed']}")
-    ax.legend()
+    ax.set_ylim(0, 118)
+    ax.set_ylabel("%")
+    ax.set_title(
+        f"after fine-tuning: harmful ratio {report['config']['harmful_ratio']:g}, seed {report['config']['seed']}"
+    )
+    ax.legend(loc="upper center", ncol=2, frameon=False)
     fig.tight_layout()
     path = os.path.join(out, "hs_fa.png")
     fig.savefig(path, dpi=110)

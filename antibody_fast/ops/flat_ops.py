@@ -253,24 +253,36 @@ def _kernels():
 _BLOCK_RED = 2048  # elements per program iteration of the reductions
 _BLOCK_EW = 2048  # elements per program of the elementwise kernels
 _NUM_WARPS = 8
+_BLOCK_P = 1024  # partials summed per iteration by the finalize / fused elementwise kernels
 
 
 @functools.lru_cache(maxsize=16)
-def _max_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 16  # interpreter
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _max_programs(device: torch.device, per_sm: int) -> int:
+    """Size of the persistent grids: ``per_sm`` programs per SM on CUDA, 16 under the interpreter."""
+    return per_sm * _sm_count(device) if device.type == "cuda" else 16
 
 
 def _is_fp64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
 
 
-def _triton_reduce(kind: str, groups: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
-    """Two-launch (per group + 1) deterministic reduction: ``kind`` = "sq" (K=1) or "dots" (K=3)."""
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _ew_grid(n: int, device: torch.device) -> tuple[int]:
+    return (max(1, min(_max_programs(device, 8), triton_cdiv(n, _BLOCK_EW))),)
+
+
+def _triton_partials(kind: str, groups: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, int]:
+    """One launch per group: fp64 partial sums ``[K, total]`` of a persistent grid (K=1 "sq", K=3 "dots")."""
     k = _kernels()
     dev = groups[0][0].device
-    cap = _max_programs(dev)
+    cap = _max_programs(dev, 4)
     nprogs = [max(1, min(cap, triton_cdiv(g[0].numel(), _BLOCK_RED))) for g in groups]
     total = sum(nprogs)
     K = 1 if kind == "sq" else 3
@@ -296,36 +308,54 @@ def _triton_reduce(kind: str, groups: list[tuple[torch.Tensor, ...]]) -> torch.T
                 num_warps=_NUM_WARPS,
             )
         off += P
-    out = torch.empty((K,), dtype=_sq_dtype([g[0] for g in groups]) if K == 1 else torch.float32, device=dev)
-    k._sum_partials_kernel[(1,)](parts, out, total, total, K=K, BLOCK_P=1024, num_warps=4)
+    return parts, total
+
+
+def _triton_finalize(parts: torch.Tensor, total: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """One launch: the ordered sum of the partials, ``[K]`` in ``out_dtype``."""
+    K = parts.shape[0]
+    out = torch.empty((K,), dtype=out_dtype, device=parts.device)
+    _kernels()._sum_partials_kernel[(1,)](parts, out, total, total, K=K, BLOCK_P=_BLOCK_P, num_warps=4)
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
 def _triton_sq_norm(xs):
-    return _triton_reduce("sq", [(x,) for x in xs]).reshape(())
+    parts, total = _triton_partials("sq", [(x,) for x in xs])
+    return _triton_finalize(parts, total, _sq_dtype(xs)).reshape(())
 
 
 def _triton_grad_dots(a, h, p):
-    return _triton_reduce("dots", list(zip(a, h, p)))
+    parts, total = _triton_partials("dots", list(zip(a, h, p)))
+    return _triton_finalize(parts, total, torch.float32)
+
+
+def _triton_sq_source(g, sq):
+    """(sq or dummy, partials or dummy, n_parts, sq dtype, from_parts): without a given squared norm the
+    elementwise kernels sum the partials themselves (no finalize launch)."""
+    if sq is not None:
+        return sq, sq, 0, sq.dtype, False
+    parts, total = _triton_partials("sq", [(x,) for x in g])
+    return parts, parts, total, _sq_dtype(g), True
 
 
 def _triton_perturb(theta, backup, g, sq, rho, eps):
     k = _kernels()
-    flag = torch.empty((), dtype=torch.int8, device=sq.device)
+    dev = theta[0].device
+    sq_in, parts, n_parts, sq_dtype, from_parts = _triton_sq_source(g, sq)
+    sq_out = torch.empty((), dtype=sq_dtype, device=dev)
+    flag = torch.empty((), dtype=torch.int8, device=dev)
     for i, (t, b, gg) in enumerate(zip(theta, backup, g)):
         n = t.numel()
         if n == 0 and i > 0:
             continue
-        grid = (max(1, triton_cdiv(n, _BLOCK_EW)),)
-        k._perturb_kernel[grid](
+        k._perturb_kernel[_ew_grid(n, dev)](
             t,
             b,
             gg,
-            sq,
+            sq_in,
+            parts,
+            n_parts,
+            sq_out,
             flag,
             n,
             rho,
@@ -333,10 +363,12 @@ def _triton_perturb(theta, backup, g, sq, rho, eps):
             BLOCK=_BLOCK_EW,
             IS_FP64=_is_fp64(t),
             WRITE_FLAG=i == 0,
-            SQ_FP64=sq.dtype == torch.float64,
+            SQ_FP64=sq_dtype == torch.float64,
+            FROM_PARTS=from_parts,
+            BLOCK_P=_BLOCK_P,
             num_warps=_NUM_WARPS,
         )
-    return flag.view(torch.bool)
+    return sq_out, flag.view(torch.bool)
 
 
 def _triton_restore(theta, backup):
@@ -387,21 +419,27 @@ def _triton_combine(out, a, h, p, r, lt_t, lt_v, lr_t, lr_v):
 
 def _triton_clip_scale(g, sq, max_norm):
     k = _kernels()
-    norm = torch.empty((), dtype=torch.float32, device=sq.device)
+    dev = g[0].device
+    sq_in, parts, n_parts, sq_dtype, from_parts = _triton_sq_source(g, sq)
+    norm = torch.empty((), dtype=torch.float32, device=dev)
     for i, x in enumerate(g):
         n = x.numel()
         if n == 0 and i > 0:
             continue
-        k._clip_scale_kernel[(max(1, triton_cdiv(n, _BLOCK_EW)),)](
+        k._clip_scale_kernel[_ew_grid(n, dev)](
             x,
-            sq,
+            sq_in,
+            parts,
+            n_parts,
             norm,
             n,
             max_norm,
             BLOCK=_BLOCK_EW,
             IS_FP64=_is_fp64(x),
             WRITE_NORM=i == 0,
-            SQ_FP64=sq.dtype == torch.float64,
+            SQ_FP64=sq_dtype == torch.float64,
+            FROM_PARTS=from_parts,
+            BLOCK_P=_BLOCK_P,
             num_warps=_NUM_WARPS,
         )
     return norm
@@ -454,22 +492,27 @@ def _perturb_op(
     theta: list[torch.Tensor],
     backup: list[torch.Tensor],
     g: list[torch.Tensor],
-    sq_norm: torch.Tensor,
+    sq_norm: torch.Tensor | None,
     rho: float,
     eps: float,
     impl: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (squared norm used, nonfinite flag). Without ``sq_norm`` the op computes it (Triton: fused,
+    two launches in all for one group)."""
     _check_impl_device(impl, theta[0].device)
-    if impl == "cpp":
-        return _cpp().flat_perturb(theta, backup, g, sq_norm, rho, eps)
     if impl == "triton":
         return _triton_perturb(theta, backup, g, sq_norm, rho, eps)
-    return _ref_perturb(theta, backup, g, sq_norm, rho, eps)
+    if impl == "cpp":
+        sq = _cpp().flat_sq_norm(g) if sq_norm is None else sq_norm.clone()
+        return sq, _cpp().flat_perturb(theta, backup, g, sq, rho, eps)
+    sq = _ref_sq_norm(g) if sq_norm is None else sq_norm.clone()
+    return sq, _ref_perturb(theta, backup, g, sq, rho, eps)
 
 
 @_perturb_op.register_fake
 def _(theta, backup, g, sq_norm, rho, eps, impl):
-    return sq_norm.new_empty((), dtype=torch.bool)
+    sq = g[0].new_empty((), dtype=_sq_dtype(g) if sq_norm is None else sq_norm.dtype)
+    return sq, g[0].new_empty((), dtype=torch.bool)
 
 
 @torch.library.custom_op("antibody_fast::restore", mutates_args=("theta",))
@@ -516,18 +559,23 @@ def _(out, g_a, g_h, g_p, g_r, lambda_t, lambda_t_value, lambda_ref, lambda_ref_
 
 
 @torch.library.custom_op("antibody_fast::clip_scale", mutates_args=("g",))
-def _clip_scale_op(g: list[torch.Tensor], sq_norm: torch.Tensor, max_norm: float, impl: str) -> torch.Tensor:
+def _clip_scale_op(
+    g: list[torch.Tensor], sq_norm: torch.Tensor | None, max_norm: float, impl: str
+) -> torch.Tensor:
+    """Returns the fp32 norm. Without ``sq_norm`` the op computes it (Triton: fused, two launches)."""
     _check_impl_device(impl, g[0].device)
-    if impl == "cpp":
-        return _cpp().flat_clip_scale(g, sq_norm, max_norm)
     if impl == "triton":
         return _triton_clip_scale(g, sq_norm, max_norm)
-    return _ref_clip_scale(g, sq_norm, max_norm)
+    if impl == "cpp":
+        sq = _cpp().flat_sq_norm(g) if sq_norm is None else sq_norm
+        return _cpp().flat_clip_scale(g, sq, max_norm)
+    sq = _ref_sq_norm(g) if sq_norm is None else sq_norm
+    return _ref_clip_scale(g, sq, max_norm)
 
 
 @_clip_scale_op.register_fake
 def _(g, sq_norm, max_norm, impl):
-    return sq_norm.new_empty((), dtype=torch.float32)
+    return g[0].new_empty((), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -615,8 +663,9 @@ def perturb_(
             if b.data_ptr() == t.data_ptr():
                 raise ValueError(f"perturb_: out[{i}] aliases flat[{i}]")
     impl = _resolve("perturb_", impl, theta)
-    sq = _all_reduce(_sq_norm_op(gs, impl), group)
-    nonfinite = _perturb_op(theta, backup, gs, sq, float(rho), float(eps), impl)
+    # without a group the op computes the norm itself (Triton: partial sums + one fused pass = 2 launches)
+    sq = None if group is None else _all_reduce(_sq_norm_op(gs, impl), group)
+    sq, nonfinite = _perturb_op(theta, backup, gs, sq, float(rho), float(eps), impl)
     return PerturbBackup(data=backup, sq_norm=sq, nonfinite=nonfinite)
 
 
@@ -717,7 +766,7 @@ def clip_(g: FlatTensors, max_norm: float, group=None, *, impl: str = "auto") ->
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
         raise TypeError(f"clip_: max_norm must be a python float, got {type(max_norm).__name__}")
     impl = _resolve("clip_", impl, xs)
-    sq = _all_reduce(_sq_norm_op(xs, impl), group)
+    sq = None if group is None else _all_reduce(_sq_norm_op(xs, impl), group)
     return _clip_scale_op(xs, sq, float(max_norm), impl)
 
 

@@ -72,9 +72,13 @@ class SeqLogprob(NamedTuple):
     num_tokens: torch.Tensor
 
 
-# Frozen-lm_head strategy per device type (see module docstring). Measured on the 2-core development CPU
-# (benchmarks/bench_sequence_logprob.py): precompute does 2 matmuls per scored row against 3 for recompute.
-FROZEN_STRATEGY = {"cpu": "precompute", "cuda": "precompute"}
+# Frozen-lm_head strategy per device type (see module docstring).
+# * CPU: precompute (2 matmuls per scored row against 3 for recompute). Measured on the 2-core development
+#   CPU (benchmarks/bench_sequence_logprob.py, N=2048, H=256, V=32000, fwd+bwd): 1.93 s vs 3.49 s.
+# * CUDA: recompute. The Triton precompute path runs the same gradient kernel as the backward (only earlier),
+#   so it saves no work, and it holds an extra [rows, H] float32 buffer between forward and backward.
+#   Not measured (no GPU in the development session): switch with ANTIBODY_FAST_FROZEN_STRATEGY.
+FROZEN_STRATEGY = {"cpu": "precompute", "cuda": "recompute"}
 _STRATEGY_ENV = "ANTIBODY_FAST_FROZEN_STRATEGY"
 
 
@@ -243,9 +247,14 @@ def _chunk_rows(V: int) -> int:
     return max(16, min(4096, _TORCH_CHUNK_ELEMS // max(V, 1)))
 
 
+def _compact(device: torch.device) -> bool:
+    """Whether the torch path compacts the scored rows (nonzero: a host sync, free on CPU only)."""
+    return device.type == "cpu"
+
+
 def _scored_rows(valid: torch.Tensor) -> torch.Tensor:
     # On CPU compaction costs nothing; on CUDA nonzero would sync, so process every row (masked).
-    if valid.device.type == "cpu":
+    if _compact(valid.device):
         return valid.nonzero().squeeze(1)
     return torch.arange(valid.shape[0], device=valid.device)
 
@@ -290,7 +299,7 @@ def _torch_linear_fwd(hidden, weight, bias, targets, seq_ids, S, ng, softcap, ig
                 dz = dz * (1 - t * t)
             dz = dz * (ok & g)[:, None].to(acc)
             d = dz @ w
-            if dev.type == "cpu":
+            if _compact(dev):
                 sel = g.nonzero().squeeze(1)
                 dh.index_copy_(0, rows.index_select(0, sel), d.index_select(0, sel))
             else:  # rows is a contiguous arange chunk here (no compaction on CUDA)
