@@ -362,6 +362,76 @@ void linear_fwd_impl(const Tensor& hidden, const Tensor& W, const std::optional<
   for (int64_t s = 0; s < logprob.size(0); ++s) out[s] = nan_if_nonfinite(static_cast<T>(seq_acc[s]));
 }
 
+// Same result as linear_fwd_impl, scheduled as ONE parallel region over row chunks: every thread runs its
+// own (single-threaded) matmuls and the fused row pass on a private [C, V] buffer, with C = the chunk budget
+// divided by the thread count (same total memory). No barrier between the matmuls and the row pass, so no
+// OpenMP spin-waiting between them. Per-row log-probabilities are summed per sequence serially afterwards
+// (deterministic).
+template <typename T>
+void linear_fwd_impl_chunks(const Tensor& hidden, const Tensor& W, const std::optional<Tensor>& bias,
+                            const Tensor& targets, const Tensor& seq_ids, const std::vector<int64_t>& rows,
+                            int64_t ng, std::optional<double> softcap, bool precompute, Tensor& logprob,
+                            Tensor& lse, Tensor& dh) {
+  const int64_t V = W.size(0), H = W.size(1);
+  const int64_t R = static_cast<int64_t>(rows.size());
+  if (R == 0) return;
+  const auto acc = W.scalar_type();
+  const Tensor Wt = W.t();
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  int64_t C = std::max<int64_t>(16, chunk_rows(V) / nt / 16 * 16);
+  C = std::min<int64_t>(C, R);
+  const int64_t n_chunks = (R + C - 1) / C;
+  Tensor idx_all = rows_tensor(rows);
+  const int64_t* tg = targets.data_ptr<int64_t>();
+  const int64_t* sid = seq_ids.data_ptr<int64_t>();
+  T* lse_p = lse.data_ptr<T>();
+  T* dh_p = precompute ? dh.data_ptr<T>() : nullptr;
+  std::vector<T> lp_all(R);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
+    Tensor zbuf = at::empty({C, V}, W.options());
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t start = k * C;
+      const int64_t c = std::min(C, R - start);
+      Tensor idx = idx_all.narrow(0, start, c);
+      Tensor h = hidden.index_select(0, idx).to(acc);
+      Tensor z = zbuf.narrow(0, 0, c);
+      if (bias) {
+        at::addmm_out(z, *bias, h, Wt);
+      } else {
+        at::mm_out(z, h, Wt);
+      }
+      const int64_t* rp = rows.data() + start;
+      const int64_t cg = precompute ? static_cast<int64_t>(std::lower_bound(rp, rp + c, ng) - rp) : 0;
+      T* zp = z.data_ptr<T>();
+      for (int64_t i = 0; i < c; ++i) {
+        const int64_t r = rp[i];
+        auto res = process_row<T>(zp + i * V, V, tg[r], softcap, i < cg, T(1), nullptr);
+        lse_p[r] = res.first;
+        lp_all[start + i] = res.second;
+      }
+      if (cg > 0) {
+        Tensor d = at::mm(z.narrow(0, 0, cg), W).contiguous();
+        const T* dp = d.data_ptr<T>();
+        for (int64_t i = 0; i < cg; ++i) std::memcpy(dh_p + rp[i] * H, dp + i * H, H * sizeof(T));
+      }
+    }
+  });
+  std::vector<double> seq_acc(logprob.size(0), 0.0);
+  for (int64_t i = 0; i < R; ++i) seq_acc[sid[rows[i]]] += static_cast<double>(lp_all[i]);
+  T* out = logprob.data_ptr<T>();
+  for (int64_t s = 0; s < logprob.size(0); ++s) out[s] = nan_if_nonfinite(static_cast<T>(seq_acc[s]));
+}
+
+// Forward schedule: "chunks" (default: linear_fwd_impl_chunks) or "rows" (linear_fwd_impl: multithreaded
+// matmuls, then a parallel row pass, per chunk). ANTIBODY_FAST_CPP_FWD_SCHEDULE overrides (benchmarking).
+bool chunk_schedule() {
+  static const bool chunks = [] {
+    const char* e = std::getenv("ANTIBODY_FAST_CPP_FWD_SCHEDULE");
+    return !(e && std::string_view(e) == "rows");
+  }();
+  return chunks;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sequence_logprob_fwd(
     const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& targets,
     const Tensor& seq_ids, int64_t num_seqs, int64_t num_grad_rows, std::optional<double> softcap,
@@ -392,9 +462,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sequence_logprob_fwd(
     b = bias->to(acc);
   }
   if (acc == at::kDouble) {
-    linear_fwd_impl<double>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse, dh);
+    if (chunk_schedule()) {
+      linear_fwd_impl_chunks<double>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse,
+                                     dh);
+    } else {
+      linear_fwd_impl<double>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse, dh);
+    }
   } else {
-    linear_fwd_impl<float>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse, dh);
+    if (chunk_schedule()) {
+      linear_fwd_impl_chunks<float>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse,
+                                    dh);
+    } else {
+      linear_fwd_impl<float>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse, dh);
+    }
   }
   return {logprob, num_tokens, lse, dh};
 }

@@ -2,9 +2,11 @@
 
 Reductions run in two launches: a persistent grid of ``P`` programs, each striding over blocks of its flat
 tensor and accumulating in an fp32 (fp64 for fp64 input) vector, writes one fp64 partial per program; one
-program then sums the partials of every group in order (deterministic). The elementwise kernels read the
-reduced scalar from device memory and compute their scale on the device (IEEE ``sqrt_rn``/``div_rn``), so
-no host sync is needed.
+program then sums the partials of every group in order (deterministic). The elementwise kernels of
+perturb/clip either sum those few partials themselves, in the same order (``FROM_PARTS``: every program gets
+the same value, and the op needs no finalize launch), or read an already reduced (e.g. all-reduced) scalar;
+they compute their scale on the device (IEEE ``sqrt_rn``/``div_rn``), so no host sync is needed. Their grids
+are persistent too (a few programs per SM), so the partials are re-read only a few hundred times.
 
 All loads of fp16/bf16 are upcast to fp32 right after loading (the interpreter computes bf16 arithmetic
 wrongly); fp64 stays fp64.

@@ -123,7 +123,8 @@ def _linear_fwd_kernel(
             z_t += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         lse = m_i + tl.log(l_i)
         lp = z_t - lse
-        finite = (lp == lp) & (tl.abs(lp) < float("inf"))
+        # non-finite results and labels outside [0, V) (possible when validation is off) give NaN
+        finite = (lp == lp) & (tl.abs(lp) < float("inf")) & (tgt >= 0) & (tgt < V)
         lp = tl.where(finite, lp, float("nan"))
         tl.store(LSE_ptr + rows, lse, mask=mask_m)
         sid = tl.load(SID_ptr + rows, mask=mask_m, other=0)
@@ -262,9 +263,14 @@ def _fwd_kernel(
         m = tl.max(m_i, axis=0)
         l_tot = tl.sum(tl.where(m_i == float("-inf"), 0.0, l_i * tl.exp(m_i - m)), axis=0)
         lse = m + tl.log(l_tot)
-        zt = tl.load(L_ptr + row * stride_lm + tgt * stride_lv).to(tl.float32)
+        in_range = (tgt >= 0) & (
+            tgt < V
+        )  # labels outside [0, V) (validation off) give NaN, never a stray read
+        zt = tl.load(L_ptr + row * stride_lm + tgt * stride_lv, mask=in_range, other=float("nan")).to(
+            tl.float32
+        )
         lp = zt - lse
-        finite = (lp == lp) & (tl.abs(lp) < float("inf"))
+        finite = (lp == lp) & (tl.abs(lp) < float("inf")) & in_range
         lp = tl.where(finite, lp, float("nan"))
         tl.store(LSE_ptr + row, lse)
         sid = tl.load(SID_ptr + row)

@@ -555,6 +555,21 @@ def test_custom_ops_registered_and_fake_impls():
     x = torch.randn(33)
     torch.library.opcheck(torch.ops.antibody_fast.sq_norm.default, ([x, x[:7].clone()], "torch"))
     torch.library.opcheck(torch.ops.antibody_fast.grad_dots.default, ([x], [x + 1], [x * 2], "torch"))
+    impls = ["torch"] + (["cpp"] if _cpp_available() else [])
+    xs = [torch.randn(33), torch.randn(5, dtype=torch.float64)]
+    for impl in impls:  # mutating ops: schema, fake impls, in-place semantics
+        th = [torch.randn_like(t) for t in xs]
+        bk = [torch.empty_like(t) for t in xs]
+        torch.library.opcheck(
+            torch.ops.antibody_fast.perturb_apply.default, (th, bk, xs, None, 0.1, 1e-7, impl)
+        )
+        torch.library.opcheck(torch.ops.antibody_fast.clip_scale.default, (th, None, 0.1, impl))
+        out = [torch.empty_like(t) for t in xs]
+        torch.library.opcheck(
+            torch.ops.antibody_fast.antibody_combine.default,
+            (out, xs, xs, xs, [], torch.tensor(0.5), 0.0, None, 0.1, impl),
+        )
+        torch.library.opcheck(torch.ops.antibody_fast.restore.default, (th, xs, impl))
     with FakeTensorMode():
         fx = torch.empty(100)
         assert F.sq_norm(fx, impl="torch").shape == ()
@@ -727,3 +742,56 @@ def test_process_group_gives_global_norms(tmp_path):
     assert_close(theta, (theta_full.double() - 0.1 * h64 / (h64.norm() + 1e-7)).float())
     clipped = torch.cat([r["clipped"] for r in res])
     assert_close(clipped, (f64 * min(1.0, 1.0 / (f64.norm().item() + 1e-6))).float())
+
+
+@pytest.mark.parametrize("impl,device,dtype", impl_cases((torch.float32, torch.float64)))
+def test_given_sq_norm_path_matches_fused(impl, device, dtype):
+    """The path used with a process group (squared norm computed first, then passed in) matches the fused one."""
+    theta = _groups(dtype, device, 11)
+    g = _groups(dtype, device, 12)
+    fused = [t.clone() for t in theta]
+    b = F.perturb_(fused, g, 0.2, impl=impl)
+    given = [t.clone() for t in theta]
+    sq = F._sq_norm_op(g, impl)
+    sq_used, flag = F._perturb_op(given, [torch.empty_like(t) for t in theta], g, sq, 0.2, 1e-7, impl)
+    assert not bool(flag)
+    assert_close(sq_used, b.sq_norm)
+    for x, y in zip(given, fused):
+        assert_close(x, y)
+    c1, c2 = [x.clone() for x in g], [x.clone() for x in g]
+    n1 = F.clip_(c1, 0.5, impl=impl)
+    n2 = F._clip_scale_op(c2, F._sq_norm_op(c2, impl), 0.5, impl)
+    assert_close(n1, n2)
+    for x, y in zip(c1, c2):
+        assert_close(x, y)
+
+
+@pytest.mark.gpu
+def test_launch_counts_cuda():
+    """Triton on one dtype group: <= 2 device launches per op (issue 4 target)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 1_000_003
+    theta, ga, gh, gp, gr = (torch.randn(n, device="cuda") for _ in range(5))
+    lam = torch.tensor(0.3, device="cuda")
+    ops = {
+        "sq_norm": (lambda: F.sq_norm(ga), 2),
+        "grad_dots": (lambda: F.grad_dots(ga, gh, gp), 2),
+        "perturb_": (lambda: F.perturb_(theta, gh, 0.1), 2),
+        "antibody_combine_": (lambda: F.antibody_combine_(ga, ga, gh, gp, gr, lam, 0.05), 1),
+        "clip_": (lambda: F.clip_(ga, 1.0), 2),
+    }
+    for name, (fn, limit) in ops.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+        assert 1 <= len(kernels) <= limit, (name, kernels)
+    b = F.perturb_(theta, gh, 0.1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        F.restore_(theta, b)
+        torch.cuda.synchronize()
+    assert len([e for e in prof.events() if e.device_type == DeviceType.CUDA]) == 1

@@ -360,6 +360,18 @@ def test_bad_inputs():
     # without host-side validation the C++ kernel still refuses
     with pytest.raises(ValueError):
         f(h, w, bad, impl="cpp", validate=False)
+    # validation off on the Triton path (the CUDA default): NaN for the affected sequence, no stray read
+    tri_dev = triton_devices()[0]
+    if not dispatch.not_supported_reasons("linear_sequence_logprob", "triton", tri_dev, torch.float32):
+        b2 = bad.clone()
+        b2[1, 3] = V + 7
+        b2 = b2.to(tri_dev)
+        lp = f(h.detach().to(tri_dev), w.to(tri_dev), b2, impl="triton", validate=False).logprob.cpu()
+        assert torch.isfinite(lp[0]) and torch.isnan(lp[1])
+        lp = slp.sequence_logprob(
+            torch.randn(2, 5, V, device=tri_dev), b2, impl="triton", validate=False
+        ).logprob
+        assert torch.isfinite(lp[0].cpu()) and torch.isnan(lp[1].cpu())
     with pytest.raises(ValueError, match="hidden size"):
         f(h, torch.randn(V, H + 1), labels)
     with pytest.raises(TypeError, match="must match"):

@@ -7,20 +7,24 @@ device: none of these functions synchronises with the host (no ``.item()``, no `
 
 Public ops (``impl="auto"|"triton"|"cpp"|"torch"``, see :mod:`antibody_fast.dispatch`):
 
-========================  =====================================================================
-``sq_norm(g)``            ``sum(g**2)`` as a 0-dim fp32 tensor (all-reduced over ``group``)
-``perturb_(flat, g, rho)`` ``theta <- theta - rho*g/(||g||+eps)``; returns a :class:`PerturbBackup`
-``restore_(flat, backup)`` ``theta <- backup`` bit for bit
-``grad_dots(a, h, p)``    ``[<a, h-p>, ||a||^2, ||h-p||^2]`` (fp32 ``[3]``) in one pass
-``antibody_combine_``     ``out <- a + lambda_t*(h-p) + lambda_ref*r`` (``out`` may alias ``a``)
-``clip_(g, max_norm)``    ``g *= min(1, max_norm/(||g||+1e-6))`` (torch ``clip_grad_norm_``); returns ``||g||``
-========================  =====================================================================
+* ``sq_norm(g)``: ``sum(g**2)`` as a 0-dim fp32 tensor (all-reduced over ``group``);
+* ``perturb_(flat, g, rho)``: ``theta <- theta - rho*g/(||g||+eps)``; returns a :class:`PerturbBackup`;
+* ``restore_(flat, backup)``: ``theta <- backup``, bit for bit;
+* ``grad_dots(a, h, p)``: ``[<a, h-p>, ||a||^2, ||h-p||^2]`` (fp32 ``[3]``) in one pass;
+* ``antibody_combine_(out, a, h, p, r, lambda_t, lambda_ref)``: ``out <- a + lambda_t*(h-p) + lambda_ref*r``
+  (``out`` may alias ``a``);
+* ``clip_(g, max_norm)``: ``g *= min(1, max_norm/(||g||+1e-6))`` (torch ``clip_grad_norm_``); returns ``||g||``.
 
 Every op is a ``torch.library`` custom op under ``torch.ops.antibody_fast`` (``sq_norm``, ``grad_dots``,
 ``perturb_apply``, ``restore``, ``antibody_combine``, ``clip_scale``) whose CPU kernel runs the C++
 (``torch.ops.antibody_fast_cpp.flat_*``), torch, or -- under ``TRITON_INTERPRET=1`` -- Triton
-implementation, and whose CUDA kernel runs Triton or torch. The composite ops ``perturb_`` and ``clip_``
-are ``sq_norm`` followed by one elementwise pass that reads the norm from device memory.
+implementation, and whose CUDA kernel runs Triton or torch.
+
+Launches (Triton, one dtype group): ``sq_norm`` and ``grad_dots`` 2 (per-program fp64 partial sums of a
+persistent grid, then one ordered sum: deterministic); ``perturb_`` and ``clip_`` 2 (the partial sums, then
+one persistent elementwise pass whose programs each re-sum the few partials, so the norm never goes through
+the host nor through an extra launch); ``restore_`` and ``antibody_combine_`` 1. With a process group the
+squared norm is finalised and all-reduced first and the elementwise pass reads it from device memory.
 
 Arithmetic is done in fp32 for fp16/bf16/fp32 inputs (fp64 for fp64 inputs) and the result is rounded
 once to the storage dtype.

@@ -28,6 +28,15 @@ Outputs: ``SeqLogprob(logprob [S], num_tokens [S] int64)``. ``logprob`` is float
 inputs), accumulated in float32 (float64) whatever the input dtype; a sequence with no scored token gets
 ``logprob = 0`` and ``num_tokens = 0``; a sequence with a non-finite value on a scored row gets NaN.
 
+Validation: ``validate=None`` checks label and seq-id ranges on the host for CPU tensors only (no sync on
+CUDA). Skipped under ``torch.compile``. Without it, a label outside ``[0, V)`` still raises ``ValueError`` in
+the C++ kernels, gives NaN for its sequence in the Triton kernels (never a stray read), and fails inside
+torch's indexing (device-side assert on CUDA) in the torch path.
+
+Row compaction: the C++ kernels gather the scored rows before the matmuls; the Triton kernels sort row
+indices with the scored rows first (``argsort``, no host sync) and programs past the scored count exit at
+once; the torch path compacts on CPU and processes every row (masked) on CUDA, where ``nonzero`` would sync.
+
 Layers (CONTRIBUTING.md): ``torch.ops.antibody_fast.{linear_,}sequence_logprob_{fwd,bwd}`` custom ops whose CPU
 kernel runs the C++ (``torch.ops.antibody_fast_cpp``), torch or (under ``TRITON_INTERPRET=1``) Triton
 implementation and whose CUDA kernel runs Triton or torch; the resolved impl string is an op argument.
