@@ -22,6 +22,8 @@ _EXPORTS = {
     "grad_dots": "antibody_fast.ops.flat_ops",
     "antibody_combine_": "antibody_fast.ops.flat_ops",
     "clip_": "antibody_fast.ops.flat_ops",
+    "restore_": "antibody_fast.ops.flat_ops",
+    "PerturbBackup": "antibody_fast.ops.flat_ops",
     # flat parameters
     "FlatParameters": "antibody_fast.flat",
     # training steps

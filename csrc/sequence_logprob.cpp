@@ -14,6 +14,7 @@
 // The float32 hot loops (max / sum of exp / exp) use a vectorisable exp and are compiled twice (AVX2+FMA and
 // baseline x86-64), chosen at run time.
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -376,7 +377,6 @@ void linear_fwd_impl_chunks(const Tensor& hidden, const Tensor& W, const std::op
   const int64_t R = static_cast<int64_t>(rows.size());
   if (R == 0) return;
   const auto acc = W.scalar_type();
-  const Tensor Wt = W.t();
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   int64_t C = std::max<int64_t>(16, chunk_rows(V) / nt / 16 * 16);
   C = std::min<int64_t>(C, R);
@@ -387,18 +387,25 @@ void linear_fwd_impl_chunks(const Tensor& hidden, const Tensor& W, const std::op
   T* lse_p = lse.data_ptr<T>();
   T* dh_p = precompute ? dh.data_ptr<T>() : nullptr;
   std::vector<T> lp_all(R);
+  // worker threads do not inherit the dispatcher's "below autograd" state: work on detached tensors
+  const Tensor hid = hidden.detach();
+  const Tensor Wd = W.detach();
+  const Tensor Wdt = Wd.t();
+  std::optional<Tensor> bd;
+  if (bias) bd = bias->detach();
   at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
-    Tensor zbuf = at::empty({C, V}, W.options());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor zbuf = at::empty({C, V}, Wd.options());
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t start = k * C;
       const int64_t c = std::min(C, R - start);
       Tensor idx = idx_all.narrow(0, start, c);
-      Tensor h = hidden.index_select(0, idx).to(acc);
+      Tensor h = hid.index_select(0, idx).to(acc);
       Tensor z = zbuf.narrow(0, 0, c);
       if (bias) {
-        at::addmm_out(z, *bias, h, Wt);
+        at::addmm_out(z, *bd, h, Wdt);
       } else {
-        at::mm_out(z, h, Wt);
+        at::mm_out(z, h, Wdt);
       }
       const int64_t* rp = rows.data() + start;
       const int64_t cg = precompute ? static_cast<int64_t>(std::lower_bound(rp, rp + c, ng) - rp) : 0;
@@ -410,7 +417,7 @@ void linear_fwd_impl_chunks(const Tensor& hidden, const Tensor& W, const std::op
         lp_all[start + i] = res.second;
       }
       if (cg > 0) {
-        Tensor d = at::mm(z.narrow(0, 0, cg), W).contiguous();
+        Tensor d = at::mm(z.narrow(0, 0, cg), Wd).contiguous();
         const T* dp = d.data_ptr<T>();
         for (int64_t i = 0; i < cg; ++i) std::memcpy(dh_p + rp[i] * H, dp + i * H, H * sizeof(T));
       }
