@@ -46,7 +46,7 @@ def extension_kwargs():
     ext = CppExtension(
         name="antibody_fast._C",
         sources=CSRC,
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++20", f'-DANTIBODY_FAST_TORCH_VERSION="{torch.__version__}"'],
+        extra_compile_args=["-O3", "-fopenmp", "-std=c++20", f"-DANTIBODY_FAST_TORCH_VERSION={torch.__version__}"],
         extra_link_args=["-fopenmp"],
     )
     return {

@@ -54,7 +54,7 @@ def _load_jit():
     return load(
         name="antibody_fast_C_jit",
         sources=sorted(glob.glob(os.path.join(src, "*.cpp"))),
-        extra_cflags=["-O3", "-fopenmp", "-std=c++20", f'-DANTIBODY_FAST_TORCH_VERSION="{torch.__version__}"'],
+        extra_cflags=["-O3", "-fopenmp", "-std=c++20", f"-DANTIBODY_FAST_TORCH_VERSION={torch.__version__}"],
         extra_ldflags=["-fopenmp"],
         build_directory=build_dir,
         verbose=False,

@@ -56,6 +56,15 @@ def registered_ops() -> dict[str, OpSpec]:
     return dict(_REGISTRY)
 
 
+def _spec(op: str) -> OpSpec:
+    if op not in _REGISTRY:
+        from . import ops  # noqa: F401  (registers every op)
+    try:
+        return _REGISTRY[op]
+    except KeyError:
+        raise ValueError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}") from None
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -102,7 +111,7 @@ def _cpp_reasons(spec: OpSpec, device: torch.device) -> list[str]:
 
 def not_supported_reasons(op: str, impl: str, device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
     """Why ``impl`` cannot run ``op`` on ``device`` (empty list: it can)."""
-    spec = _REGISTRY[op]
+    spec = _spec(op)
     device = torch.device(device)
     if impl not in spec.impls:
         return [f"{op} has no {impl!r} implementation"]
@@ -134,7 +143,7 @@ def resolve_impl(op: str, impl: str, device: torch.device | str, dtype: torch.dt
             raise ValueError(f"{_ENV}={impl!r} is not one of {IMPLS}")
     if impl == "auto":
         for cand in auto_order(device):
-            if cand in _REGISTRY[op].impls and not not_supported_reasons(op, cand, device, dtype):
+            if cand in _spec(op).impls and not not_supported_reasons(op, cand, device, dtype):
                 return cand
         return "torch"
     reasons = not_supported_reasons(op, impl, device, dtype)
@@ -151,7 +160,7 @@ def resolve_impl(op: str, impl: str, device: torch.device | str, dtype: torch.dt
 def explain(op: str, device: torch.device | str, dtype: torch.dtype | None = None) -> dict:
     """{'auto': chosen impl, 'reasons': {impl: [reasons]}} for the info report."""
     device = torch.device(device)
-    spec = _REGISTRY[op]
+    spec = _spec(op)
     reasons = {i: not_supported_reasons(op, i, device, dtype) for i in spec.impls}
     chosen = next((c for c in auto_order(device) if c in spec.impls and not reasons[c]), "torch")
     return {"auto": chosen, "reasons": reasons}

@@ -6,12 +6,18 @@
 // the loader can refuse an extension built for another torch instead of crashing.
 #include <torch/extension.h>
 
-#ifndef ANTIBODY_FAST_TORCH_VERSION
-#define ANTIBODY_FAST_TORCH_VERSION "unknown"
+// ANTIBODY_FAST_TORCH_VERSION is passed unquoted (e.g. -DANTIBODY_FAST_TORCH_VERSION=2.13.0+cpu): quotes do
+// not survive every build path (setup.py's ninja file vs torch.utils.cpp_extension.load), stringizing does.
+#define ANTIBODY_FAST_STR_(x) #x
+#define ANTIBODY_FAST_STR(x) ANTIBODY_FAST_STR_(x)
+#ifdef ANTIBODY_FAST_TORCH_VERSION
+#define ANTIBODY_FAST_TORCH_VERSION_STR ANTIBODY_FAST_STR(ANTIBODY_FAST_TORCH_VERSION)
+#else
+#define ANTIBODY_FAST_TORCH_VERSION_STR "unknown"
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("torch_version") = ANTIBODY_FAST_TORCH_VERSION;
+  m.attr("torch_version") = ANTIBODY_FAST_TORCH_VERSION_STR;
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

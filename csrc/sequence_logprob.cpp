@@ -8,6 +8,11 @@
 // the label's log-probability and (when asked) the row gradient (onehot - p) * dcap in place, and one more
 // matmul turns that into dlogp/dh (frozen-weight "precompute" mode) or into dH / dW / db (backward).
 // Memory is bounded by the chunk: C * V accumulation-dtype elements (plus the [rows, H] outputs).
+// The forward runs as ONE parallel region over chunks (each thread: its own single-threaded matmuls and row
+// pass on a private buffer; total budget ~8M logits shared by the threads), which avoids OpenMP barriers
+// and spin-waiting between the matmuls and the row pass; ANTIBODY_FAST_CPP_FWD_SCHEDULE=rows selects the
+// older per-chunk schedule (multithreaded matmuls + parallel row pass), ANTIBODY_FAST_CPP_CHUNK_ELEMS the
+// logits budget. The backward (recompute mode) keeps the per-chunk schedule (dW accumulates across chunks).
 // Accumulation: float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs; per-sequence sums
 // are accumulated in double, serially, so results are deterministic.
 //
