@@ -41,17 +41,28 @@ def extension_kwargs():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as e:  # torch missing at build time: pure-python install
-        warnings.warn(f"antibody_fast: torch is not importable at build time ({e}); skipping the C++ extension", stacklevel=1)
+        warnings.warn(
+            f"antibody_fast: torch is not importable at build time ({e}); skipping the C++ extension",
+            stacklevel=1,
+        )
         return {}
     ext = CppExtension(
         name="antibody_fast._C",
         sources=CSRC,
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++20", f"-DANTIBODY_FAST_TORCH_VERSION={torch.__version__}"],
+        extra_compile_args=[
+            "-O3",
+            "-fopenmp",
+            "-std=c++20",
+            f"-DANTIBODY_FAST_TORCH_VERSION={torch.__version__}",
+        ],
         extra_link_args=["-fopenmp"],
     )
     return {
         "ext_modules": [ext],
-        "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": build_py_with_csrc},
+        "cmdclass": {
+            "build_ext": BuildExtension.with_options(use_ninja=True),
+            "build_py": build_py_with_csrc,
+        },
     }
 
 

@@ -36,7 +36,9 @@ def _load_prebuilt():
     mod = importlib.import_module("antibody_fast._C")
     built_for = getattr(mod, "torch_version", "unknown")
     if built_for != torch.__version__:
-        raise ImportError(f"antibody_fast._C was built for torch {built_for}, this is torch {torch.__version__}")
+        raise ImportError(
+            f"antibody_fast._C was built for torch {built_for}, this is torch {torch.__version__}"
+        )
     return mod
 
 
@@ -47,7 +49,9 @@ def _load_jit():
     if src is None:
         raise RuntimeError("no C++ sources found for a JIT build")
     build_dir = os.path.join(
-        os.environ.get("ANTIBODY_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "antibody_fast")),
+        os.environ.get(
+            "ANTIBODY_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "antibody_fast")
+        ),
         "jit-torch-" + torch.__version__.replace("+", "_"),
     )
     os.makedirs(build_dir, exist_ok=True)
@@ -77,17 +81,26 @@ def load_extension():
             why = f"{type(e_pre).__name__}: {e_pre}"
             if os.environ.get("ANTIBODY_FAST_JIT", "1") == "0":
                 _state.update(module=None, reason=f"prebuilt extension unusable ({why}); JIT disabled")
-                warnings.warn(f"antibody_fast: C++ extension unavailable ({why}); using the torch reference on CPU",
-                              stacklevel=2)
+                warnings.warn(
+                    f"antibody_fast: C++ extension unavailable ({why}); using the torch reference on CPU",
+                    stacklevel=2,
+                )
             else:
                 try:
                     _state.update(module=_load_jit(), how="jit", reason="")
-                    warnings.warn(f"antibody_fast: prebuilt C++ extension unusable ({why}); using a cached JIT build",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"antibody_fast: prebuilt C++ extension unusable ({why}); using a cached JIT build",
+                        stacklevel=2,
+                    )
                 except Exception as e_jit:
-                    _state.update(module=None, reason=f"prebuilt: {why}; JIT build: {type(e_jit).__name__}: {e_jit}")
-                    warnings.warn("antibody_fast: C++ extension unavailable and the JIT build failed "
-                                  f"({_state['reason'][:300]}); using the torch reference on CPU", stacklevel=2)
+                    _state.update(
+                        module=None, reason=f"prebuilt: {why}; JIT build: {type(e_jit).__name__}: {e_jit}"
+                    )
+                    warnings.warn(
+                        "antibody_fast: C++ extension unavailable and the JIT build failed "
+                        f"({_state['reason'][:300]}); using the torch reference on CPU",
+                        stacklevel=2,
+                    )
         _state["tried"] = True
         return _state["module"]
 

@@ -88,7 +88,9 @@ def _triton_reasons(spec: OpSpec, device: torch.device) -> list[str]:
         reasons.append(err)
     if device.type == "cpu":
         if not triton_interpret():
-            reasons.append("CPU tensors need TRITON_INTERPRET=1 (set before antibody_fast.kernels is imported)")
+            reasons.append(
+                "CPU tensors need TRITON_INTERPRET=1 (set before antibody_fast.kernels is imported)"
+            )
     elif device.type != "cuda":
         reasons.append(f"Triton kernels run on CUDA devices, not {device.type}")
     return reasons
@@ -109,7 +111,9 @@ def _cpp_reasons(spec: OpSpec, device: torch.device) -> list[str]:
     return reasons
 
 
-def not_supported_reasons(op: str, impl: str, device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
+def not_supported_reasons(
+    op: str, impl: str, device: torch.device | str, dtype: torch.dtype | None = None
+) -> list[str]:
     """Why ``impl`` cannot run ``op`` on ``device`` (empty list: it can)."""
     spec = _spec(op)
     device = torch.device(device)

@@ -38,12 +38,16 @@ def report() -> str:
         devices.append("cuda")
     else:
         lines.append("  cuda: not available")
-    lines.append(f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
-                 f"ANTIBODY_FAST_IMPL={os.environ.get('ANTIBODY_FAST_IMPL', '(unset: auto)')}")
+    lines.append(
+        f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
+        f"ANTIBODY_FAST_IMPL={os.environ.get('ANTIBODY_FAST_IMPL', '(unset: auto)')}"
+    )
     st = extension_status()
     if st["loaded"]:
-        lines.append(f"C++ extension: loaded ({st['how']}, built for torch {st['torch_version']}, "
-                     f"OpenMP={'yes' if st['openmp'] else 'no'})")
+        lines.append(
+            f"C++ extension: loaded ({st['how']}, built for torch {st['torch_version']}, "
+            f"OpenMP={'yes' if st['openmp'] else 'no'})"
+        )
     else:
         lines.append(f"C++ extension: NOT loaded ({st['reason']})")
     lines.append("ops (auto pick per device; reasons an impl is unavailable):")

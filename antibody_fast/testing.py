@@ -29,7 +29,9 @@ def _describe(actual: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor, d
     nbad = int(bad.sum())
     flat_diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff).flatten()
     worst = int(flat_diff.argmax()) if flat_diff.numel() else 0
-    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), actual.shape)) if actual.dim() else ()
+    idx = (
+        tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), actual.shape)) if actual.dim() else ()
+    )
     a = actual.flatten()[worst].item() if n else float("nan")
     e = expected.flatten()[worst].item() if n else float("nan")
     return (
@@ -55,9 +57,13 @@ def assert_close(
     ``tol(dtype_for_tol or actual.dtype)``. Comparison happens in float64 on the CPU.
     """
     if not isinstance(actual, torch.Tensor) or not isinstance(expected, torch.Tensor):
-        raise AssertionError(f"{name}: expected tensors, got {type(actual).__name__} and {type(expected).__name__}")
+        raise AssertionError(
+            f"{name}: expected tensors, got {type(actual).__name__} and {type(expected).__name__}"
+        )
     if actual.shape != expected.shape:
-        raise AssertionError(f"{name}: shape mismatch {tuple(actual.shape)} vs expected {tuple(expected.shape)}")
+        raise AssertionError(
+            f"{name}: shape mismatch {tuple(actual.shape)} vs expected {tuple(expected.shape)}"
+        )
     if check_dtype and actual.dtype != expected.dtype:
         raise AssertionError(f"{name}: dtype mismatch {actual.dtype} vs expected {expected.dtype}")
     d_atol, d_rtol = tol(dtype_for_tol or (actual.dtype if actual.is_floating_point() else torch.float64))
@@ -103,8 +109,10 @@ def assert_close_to_oracle(
     bound = (r - o).abs() + atol + rtol * o.abs()
     bad = ~(err <= bound)
     if bool(bad.any()):
-        raise AssertionError(f"{name} vs float64 oracle (atol={atol:g}, rtol={rtol:g} beyond reference error): "
-                             + _describe(a, o, bad, err))
+        raise AssertionError(
+            f"{name} vs float64 oracle (atol={atol:g}, rtol={rtol:g} beyond reference error): "
+            + _describe(a, o, bad, err)
+        )
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

@@ -210,9 +210,11 @@ def test_default_run_is_sensible(default_report):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 7's acceptance criterion; not met by the measured default run (see the demo report: every "
-    "method ends with HS 100% after fine-tuning with 20% harmful samples on this toy)",
-    strict=False,
+    reason="issue 7's acceptance criterion, NOT met by the measured default run (seed 0: every method ends with "
+    "HS 100% after fine-tuning with 20% harmful samples on this toy; Antibody FA 65.0% vs SFT 87.5%). Strict: "
+    "the demo is deterministic on one machine, so if the outcome changes this test fails and the README's "
+    "table and this marker must be updated together.",
+    strict=True,
 )
 def test_default_run_antibody_hs_far_below_sft(default_report):
     rows = {r["method"]: r for r in default_report["methods"]}

@@ -53,8 +53,9 @@ def test_import_is_lean_and_cuda_free():
 def test_installed_layout():
     import importlib.util
 
-    import antibody_fast
     import antibody_fast.kernels
+
+    import antibody_fast
 
     pkg = Path(antibody_fast.__file__).parent
     assert Path(antibody_fast.kernels.__file__).parent.name == "kernels"
@@ -69,7 +70,18 @@ def test_wheel_contents(tmp_path):
     """A wheel (extension skipped to keep it fast) ships antibody_fast/kernels and no top-level kernels."""
     env = dict(os.environ, ANTIBODY_FAST_BUILD_EXT="0")
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -124,7 +136,14 @@ def test_info_report():
     r = _run_py("import antibody_fast.info as i; i.main()")
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for word in ("torch", "triton", "transformers", "peft", "C++ extension: loaded", "linear_sequence_logprob"):
+    for word in (
+        "torch",
+        "triton",
+        "transformers",
+        "peft",
+        "C++ extension: loaded",
+        "linear_sequence_logprob",
+    ):
         assert word in out, (word, out)
     assert "auto -> cpp" in out
     # every unavailable impl comes with a reason
