@@ -398,12 +398,23 @@ void linear_fwd_impl_chunks(const Tensor& hidden, const Tensor& W, const std::op
   const Tensor Wdt = Wd.t();
   std::optional<Tensor> bd;
   if (bias) bd = bias->detach();
-  at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
+  // Balance the threads: rows needing a gradient (a prefix of `rows`) cost a second matmul, so a contiguous
+  // split of the chunks would give one thread most of the grad rows (e.g. paired completion + refusal calls).
+  // Each thread instead takes an equal share of the grad rows and an equal share of the other rows.
+  const int64_t G = precompute ? static_cast<int64_t>(std::lower_bound(rows.begin(), rows.end(), ng) - rows.begin())
+                               : 0;
+  const int64_t n_workers = std::min<int64_t>(nt, n_chunks);
+  at::parallel_for(0, n_workers, 1, [&](int64_t w0, int64_t w1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor zbuf = at::empty({C, V}, Wd.options());
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t start = k * C;
-      const int64_t c = std::min(C, R - start);
+    std::vector<std::pair<int64_t, int64_t>> chunks;  // (start, count) into rows
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t seg[2][2] = {{G * w / n_workers, G * (w + 1) / n_workers},
+                                 {G + (R - G) * w / n_workers, G + (R - G) * (w + 1) / n_workers}};
+      for (const auto& sg : seg)
+        for (int64_t st = sg[0]; st < sg[1]; st += C) chunks.emplace_back(st, std::min(C, sg[1] - st));
+    }
+    for (const auto& [start, c] : chunks) {
       Tensor idx = idx_all.narrow(0, start, c);
       Tensor h = hid.index_select(0, idx).to(acc);
       Tensor z = zbuf.narrow(0, 0, c);
