@@ -87,6 +87,26 @@ def _build(config, seed: int, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def _shared_config(
+    vocab_size, hidden, layers, heads, kv_heads, intermediate, max_positions, attn_implementation
+):
+    """Config fields every tiny model shares (no dropout, fixed special-token ids)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation=attn_implementation,
+    )
+
+
 def tiny_llama(
     vocab_size: int = 128,
     hidden: int = 32,
@@ -104,19 +124,10 @@ def tiny_llama(
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
+        **_shared_config(
+            vocab_size, hidden, layers, heads, kv_heads, intermediate, max_positions, attn_implementation
+        ),
         tie_word_embeddings=False,
-        attention_dropout=0.0,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation=attn_implementation,
     )
     return _build(config, seed, dtype)
 
@@ -138,20 +149,11 @@ def tiny_qwen2(
     from transformers import Qwen2Config
 
     config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
+        **_shared_config(
+            vocab_size, hidden, layers, heads, kv_heads, intermediate, max_positions, attn_implementation
+        ),
         tie_word_embeddings=False,
         use_sliding_window=False,
-        attention_dropout=0.0,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation=attn_implementation,
     )
     return _build(config, seed, dtype)
 
@@ -181,23 +183,14 @@ def tiny_gemma2(
 
     head_dim = hidden // heads
     config = Gemma2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
+        **_shared_config(
+            vocab_size, hidden, layers, heads, kv_heads, intermediate, max_positions, attn_implementation
+        ),
         head_dim=head_dim,
         query_pre_attn_scalar=head_dim,
-        max_position_embeddings=max_positions,
         final_logit_softcapping=softcap,
         attn_logit_softcapping=attn_softcap,
         sliding_window=sliding_window,
-        attention_dropout=0.0,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation=attn_implementation,
     )
     return _build(config, seed, dtype)
 
