@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .data.batch import IGNORE_INDEX, LMBatch
+from .reference import hf_loss
 
 __all__ = [
     "BaselineStats",
@@ -116,39 +117,19 @@ def _replace_first(output, value):
 
 
 def _lm_loss(model: nn.Module, batch: LMBatch, impl: str = "auto") -> torch.Tensor:
-    """Token-mean CE over answer tokens with the fused linear log-likelihood (0-d fp32 tensor)."""
-    from .models import get_trunk_and_head
-    from .ops.sequence_logprob import linear_sequence_logprob
+    """Token-mean CE over answer tokens with the fused linear log-likelihood (0-d fp32 tensor): the same loss
+    as :func:`antibody_fast.sft_step`."""
+    from .steps import _parts, _token_mean_loss
 
-    trunk, head, softcap = get_trunk_and_head(model)
-    hidden = trunk(**batch.model_inputs(), use_cache=False).last_hidden_state  # [B, T, H]
-    res = linear_sequence_logprob(
-        hidden, head.weight, batch.labels, bias=head.bias, softcap=softcap, shift=True, impl=impl
-    )
-    return -res.logprob.sum() / res.num_tokens.sum().clamp_min(1).to(res.logprob.dtype)
-
-
-def _hf_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
-    """HF's own loss (logits materialised): the references' loss."""
-    out = model(**batch.model_inputs(), labels=batch.labels, use_cache=False)
-    return out.loss.float()
+    loss, _ = _token_mean_loss(_parts(model), batch, impl, None, None, None)
+    return loss
 
 
 def _finish_flat(flat, optimizer, scheduler, max_grad_norm, impl: str) -> torch.Tensor:
-    """Fused clip of the flat gradient, optimizer/scheduler step, zero the flat gradient (views kept)."""
-    from .ops.flat_ops import clip_, sq_norm
+    """The steps' fused clip + optimizer/scheduler step + flat zero-grad; ``max_grad_norm`` None or 0: no clip."""
+    from .steps import _finish
 
-    grads = flat.grad_buffers
-    with torch.no_grad():
-        if max_grad_norm:
-            norm = clip_(grads, float(max_grad_norm), impl=impl)
-        else:
-            norm = sq_norm(grads, impl=impl).sqrt()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    flat.zero_grad()
-    return norm.detach().float()
+    return _finish(flat, optimizer, scheduler, max_grad_norm or None, impl)
 
 
 def _flat(model: nn.Module):
@@ -274,7 +255,7 @@ def reference_vaccine_step(
         return hook
 
     handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
-    clean_loss = _hf_loss(model, batch)
+    clean_loss = hf_loss(model, batch)
     for h in handles:
         h.remove()
     clean_loss.backward()
@@ -297,7 +278,7 @@ def reference_vaccine_step(
         return hook
 
     handles = [m.register_forward_hook(add(i)) for i, m in enumerate(modules)]
-    loss = _hf_loss(model, batch)
+    loss = hf_loss(model, batch)
     for h in handles:
         h.remove()
     loss.backward()
@@ -452,7 +433,7 @@ def lisa_step(
     """
     config = LisaConfig() if config is None else config
     flat = _check_lisa(model, batch, optimizer, state, config)
-    from .ops.flat_ops import sq_norm
+    from .ops.flat_ops import antibody_combine_, grad_dots
 
     theta = flat.param_buffers
     if state.anchor is None:
@@ -463,12 +444,13 @@ def lisa_step(
     loss = _lm_loss(model, batch, impl)
     loss.backward()
     flat.ensure_grad_views()
+    grads = flat.grad_buffers
     with torch.no_grad():
-        diff = torch._foreach_sub(theta, state.anchor)
-        prox = 0.5 * config.rho * sq_norm(diff, impl=impl)
+        # ||theta - anchor||^2 is the third of grad_dots(g, theta, anchor) (one fused pass, no temporary), and
+        # the proximal gradient g += rho * (theta - anchor) is antibody_combine_ with lambda_t = rho.
+        prox = 0.5 * config.rho * grad_dots(grads, theta, state.anchor, impl=impl)[2]
         if config.rho:
-            torch._foreach_add_(flat.grad_buffers, diff, alpha=config.rho)
-        del diff
+            antibody_combine_(grads, grads, theta, state.anchor, None, float(config.rho), 0.0, impl=impl)
     norm = _finish_flat(flat, optimizer, scheduler, config.max_grad_norm, impl)
     state.step += 1
     return BaselineStats(loss=loss.detach(), grad_norm=norm, extra={"proximal": prox})
@@ -491,7 +473,7 @@ def reference_lisa_step(
     switched = state.step == 0 or state.anchor is None or state.phase(config, state.step - 1) != phase_now
     if switched:
         state.anchor = [p.detach().clone() for p in params]
-    loss = _hf_loss(model, batch)
+    loss = hf_loss(model, batch)
     prox = torch.zeros((), dtype=torch.float32, device=loss.device)
     for p, a in zip(params, state.anchor):
         prox = prox + ((p - a) ** 2).sum()

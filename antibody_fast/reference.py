@@ -70,7 +70,7 @@ def sequence_logprobs(model: torch.nn.Module, batch: LMBatch) -> tuple[torch.Ten
 
 def hf_loss(model: torch.nn.Module, batch: LMBatch) -> torch.Tensor:
     """HF's own token-mean cross-entropy over the answer tokens: ``model(..., labels=...).loss``."""
-    return model(**batch.model_inputs(), labels=batch.labels).loss
+    return model(**batch.model_inputs(), labels=batch.labels, use_cache=False).loss
 
 
 def _clip_and_step(model, optimizer, max_grad_norm, scheduler) -> torch.Tensor:
