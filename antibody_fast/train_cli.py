@@ -664,6 +664,60 @@ def _template(prompt: str, opts: dict) -> str:
     return prompt if opts["no_template"] else alpaca_prompt(prompt)
 
 
+def _train_loop(
+    opts, command, model, scheduler, out_dir, resumed, start, make_batch, do_step, log_fields, save
+) -> bool:
+    """The loop `align` and `finetune` share: progress bar, metrics JSONL (host copies on logged steps only),
+    checkpoints every ``--save-every`` steps, ``--stop-after``, and the final adapter + checkpoint.
+
+    ``make_batch(step) -> (batch on the device, real tokens)``, ``do_step(batch) -> StepStats``,
+    ``log_fields(stats_dict) -> (metrics fields, progress-bar fields)``, ``save(step)`` writes the checkpoint.
+    Returns False when stopped early by ``--stop-after`` (a checkpoint to resume from is left), else True.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write_text(
+        os.path.join(out_dir, "run_config.json"), json.dumps({"command": command, **opts}, indent=2)
+    )
+    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start if resumed else None)
+    total = opts["steps"]
+    end = total if opts["stop_after"] is None else min(total, start + opts["stop_after"])
+    label = command if command == "align" else f"{command} ({opts['method']})"
+    bar = _progress(opts, total, start, label)
+    try:
+        for step in range(start, end):
+            batch, ntok = make_batch(step)
+            t0 = time.perf_counter()
+            stats = do_step(batch)
+            if (step + 1) % opts["log_every"] == 0 or step + 1 == end:
+                s = stats.as_dict()  # host copy (synchronises) only on logged steps
+                dt = time.perf_counter() - t0
+                row = {
+                    "step": step + 1,
+                    "lr": scheduler.get_last_lr()[0],
+                    "step_time_s": dt,
+                    "tokens_per_s": ntok / dt if dt > 0 else None,
+                }
+                post = {"step_s": f"{dt:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                more_row, more_post = log_fields(s)
+                row.update(more_row)
+                post.update(more_post)
+                metrics.write(row)
+                bar.set_postfix(post)
+            bar.update(1)
+            done = step + 1
+            if opts["save_every"] and done % opts["save_every"] == 0 and done < total:
+                save(done)
+    finally:
+        bar.close()
+        metrics.close()
+    save(end)
+    if end < total:  # interrupted on purpose (--stop-after): the checkpoint above resumes it
+        _say(f"{command}: stopped after step {end}/{total}; resume with --resume")
+        return False
+    _save_adapter(model, out_dir)
+    return True
+
+
 def _run_align(opts: dict) -> int:
     from .data.loaders import load_alignment, load_harmful
 
@@ -715,96 +769,41 @@ def _run_align(opts: dict) -> int:
     if ckpt is not None:
         extra = load_checkpoint(ckpt, model, optimizer, scheduler, state)
         start = _checked_extra(extra, "align", ckpt)["step"]
-    os.makedirs(out_dir, exist_ok=True)
-    _atomic_write_text(
-        os.path.join(out_dir, "run_config.json"), json.dumps({"command": "align", **opts}, indent=2)
-    )
-    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start if ckpt is not None else None)
-    total, bs, seed = opts["steps"], opts["batch_size"], opts["seed"]
-    end = total if opts["stop_after"] is None else min(total, start + opts["stop_after"])
-    bar = _progress(opts, total, start, "align")
-    try:
-        for step in range(start, end):
-            a_idx = _order(len(align), seed, step * bs, bs)
-            h_idx = _order(len(harmful), seed + 1, step * bs, bs)
-            batch = collator([align[i] for i in a_idx], [harmful[i] for i in h_idx])
-            ntok = int(
-                batch.align.attention_mask.sum()
-                + batch.harmful.attention_mask.sum()
-                + batch.refusal.attention_mask.sum()
-            )
-            batch = batch.to(device)
-            t0 = time.perf_counter()
-            stats = align_step(model, batch, optimizer, state, config, scheduler)
-            row = None
-            if (step + 1) % opts["log_every"] == 0 or step + 1 == end:
-                s = stats.as_dict()  # host copy (synchronises) only on logged steps
-                dt = time.perf_counter() - t0
-                row = {
-                    "step": step + 1,
-                    "lr": scheduler.get_last_lr()[0],
-                    "step_time_s": dt,
-                    "tokens_per_s": ntok / dt if dt > 0 else None,
-                    **{
-                        k: s[k]
-                        for k in (
-                            "loss",
-                            "grad_norm",
-                            "lambda_t",
-                            "lambda_raw",
-                            "cos",
-                            "loss_align",
-                            "loss_harmful",
-                            "loss_perturbed",
-                            "loss_refusal",
-                        )
-                        if k in s
-                    },
-                }
-                metrics.write(row)
-                bar.set_postfix(
-                    {
-                        "step_s": f"{dt:.3f}",
-                        "tok/s": f"{row['tokens_per_s']:.0f}",
-                        "lambda_t": f"{s.get('lambda_t', 0.0):.3g}",
-                        "loss": f"{s['loss']:.4g}",
-                    }
-                )
-            bar.update(1)
-            done = step + 1
-            if opts["save_every"] and done % opts["save_every"] == 0 and done < total:
-                save_checkpoint(
-                    os.path.join(out_dir, "checkpoint.pt"),
-                    model,
-                    optimizer,
-                    scheduler,
-                    state,
-                    extra={"command": "align", "step": done},
-                )
-    finally:
-        bar.close()
-        metrics.close()
-    if end < total:  # interrupted on purpose (--stop-after): leave a checkpoint to resume from
-        save_checkpoint(
-            os.path.join(out_dir, "checkpoint.pt"),
-            model,
-            optimizer,
-            scheduler,
-            state,
-            extra={"command": "align", "step": end},
-        )
-        _say(f"align: stopped after step {end}/{total}; resume with --resume")
-        return 0
-    _save_adapter(model, out_dir)
-    save_checkpoint(
-        os.path.join(out_dir, "checkpoint.pt"),
+    bs, seed = opts["batch_size"], opts["seed"]
+
+    def make_batch(step):
+        a_idx = _order(len(align), seed, step * bs, bs)
+        h_idx = _order(len(harmful), seed + 1, step * bs, bs)
+        batch = collator([align[i] for i in a_idx], [harmful[i] for i in h_idx])  # CPU tensors
+        ntok = int(sum(b.attention_mask.sum() for b in (batch.align, batch.harmful, batch.refusal)))
+        return batch.to(device), ntok
+
+    keys = ("loss", "grad_norm", "lambda_t", "lambda_raw", "cos", "loss_align", "loss_harmful")
+    keys += ("loss_perturbed", "loss_refusal")
+
+    def log_fields(s):
+        post = {"lambda_t": f"{s.get('lambda_t', 0.0):.3g}", "loss": f"{s['loss']:.4g}"}
+        return {k: s[k] for k in keys if k in s}, post
+
+    def save(step):
+        path = os.path.join(out_dir, "checkpoint.pt")
+        save_checkpoint(path, model, optimizer, scheduler, state, extra={"command": "align", "step": step})
+
+    finished = _train_loop(
+        opts,
+        "align",
         model,
-        optimizer,
         scheduler,
-        state,
-        extra={"command": "align", "step": end},
+        out_dir,
+        ckpt is not None,
+        start,
+        make_batch,
+        lambda batch: align_step(model, batch, optimizer, state, config, scheduler),
+        log_fields,
+        save,
     )
-    _say(f"align: {total} steps done; adapter in {os.path.join(out_dir, 'adapter')}")
+    if finished:
+        _say(f"align: {opts['steps']} steps done; adapter in {os.path.join(out_dir, 'adapter')}")
     return 0
 
 
@@ -877,90 +876,59 @@ def _run_finetune(opts: dict) -> int:
             )
         sum_w.copy_(extra["sum_w"])
         count.copy_(extra["count"])
-    os.makedirs(out_dir, exist_ok=True)
-    _atomic_write_text(
-        os.path.join(out_dir, "run_config.json"), json.dumps({"command": "finetune", **opts}, indent=2)
-    )
-    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start if ckpt is not None else None)
-    total, bs, seed = opts["steps"], min(opts["batch_size"], n), opts["seed"]
-    end = total if opts["stop_after"] is None else min(total, start + opts["stop_after"])
+    bs, seed = min(opts["batch_size"], n), opts["seed"]
 
-    def extra_state(step):
-        return {"command": "finetune", "step": step, "sum_w": sum_w.cpu(), "count": count.cpu()}
+    def make_batch(step):
+        batch = collator([examples[i] for i in _order(n, seed, step * bs, bs)])  # CPU tensors
+        return batch.to(device), int(batch.attention_mask.sum())
 
-    bar = _progress(opts, total, start, f"finetune ({opts['method']})")
-    try:
-        for step in range(start, end):
-            idx = _order(n, seed, step * bs, bs)
-            batch = collator([examples[i] for i in idx])
-            ntok = int(batch.attention_mask.sum())
-            batch = batch.to(device)
-            t0 = time.perf_counter()
-            if antibody:
-                stats = weighted_step(model, batch, optimizer, config, scheduler)
-                sum_w.index_add_(0, batch.index, stats.weights.to(torch.float64))
-                count.index_add_(0, batch.index, torch.ones_like(stats.weights, dtype=torch.float64))
-            else:
-                stats = sft_step(model, batch, optimizer, config, scheduler)
-            if (step + 1) % opts["log_every"] == 0 or step + 1 == end:
-                s = stats.as_dict()
-                dt = time.perf_counter() - t0
-                row = {
-                    "step": step + 1,
-                    "lr": scheduler.get_last_lr()[0],
-                    "step_time_s": dt,
-                    "tokens_per_s": ntok / dt if dt > 0 else None,
-                    "loss": s["loss"],
-                    "grad_norm": s["grad_norm"],
+    def do_step(batch):
+        if not antibody:
+            return sft_step(model, batch, optimizer, config, scheduler)
+        stats = weighted_step(model, batch, optimizer, config, scheduler)
+        sum_w.index_add_(0, batch.index, stats.weights.to(torch.float64))
+        count.index_add_(0, batch.index, torch.ones_like(stats.weights, dtype=torch.float64))
+        return stats
+
+    def log_fields(s):
+        row = {"loss": s["loss"], "grad_norm": s["grad_norm"]}
+        post = {"loss": f"{s['loss']:.4g}"}
+        if antibody:
+            w = s["weights"]
+            row.update(
+                {
+                    "weight_mean": sum(w) / len(w),
+                    "weight_min": min(w),
+                    "weight_max": max(w),
+                    "d_mean": sum(s["d"]) / len(s["d"]),
                 }
-                post = {
-                    "step_s": f"{dt:.3f}",
-                    "tok/s": f"{row['tokens_per_s']:.0f}",
-                    "loss": f"{s['loss']:.4g}",
-                }
-                if antibody:
-                    w = s["weights"]
-                    row.update(
-                        {
-                            "weight_mean": sum(w) / len(w),
-                            "weight_min": min(w),
-                            "weight_max": max(w),
-                            "d_mean": sum(s["d"]) / len(s["d"]),
-                        }
-                    )
-                    for k in ("harmful_weight", "benign_weight"):
-                        v = s.get(k)
-                        row[k] = None if v is None or (isinstance(v, float) and math.isnan(v)) else v
-                        post["w_harm" if k == "harmful_weight" else "w_benign"] = (
-                            "-" if row[k] is None else f"{row[k]:.3g}"
-                        )
-                metrics.write(row)
-                bar.set_postfix(post)
-            bar.update(1)
-            done = step + 1
-            if opts["save_every"] and done % opts["save_every"] == 0 and done < total:
-                save_checkpoint(
-                    os.path.join(out_dir, "checkpoint.pt"),
-                    model,
-                    optimizer,
-                    scheduler,
-                    extra=extra_state(done),
-                )
-    finally:
-        bar.close()
-        metrics.close()
-    if end < total:
-        save_checkpoint(
-            os.path.join(out_dir, "checkpoint.pt"), model, optimizer, scheduler, extra=extra_state(end)
-        )
-        _say(f"finetune: stopped after step {end}/{total}; resume with --resume")
+            )
+            for k, short in (("harmful_weight", "w_harm"), ("benign_weight", "w_benign")):
+                v = s.get(k)
+                row[k] = None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                post[short] = "-" if row[k] is None else f"{row[k]:.3g}"
+        return row, post
+
+    def save(step):
+        extra = {"command": "finetune", "step": step, "sum_w": sum_w.cpu(), "count": count.cpu()}
+        save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model, optimizer, scheduler, extra=extra)
+
+    if not _train_loop(
+        opts,
+        "finetune",
+        model,
+        scheduler,
+        out_dir,
+        ckpt is not None,
+        start,
+        make_batch,
+        do_step,
+        log_fields,
+        save,
+    ):
         return 0
-    _save_adapter(model, out_dir)
-    save_checkpoint(
-        os.path.join(out_dir, "checkpoint.pt"), model, optimizer, scheduler, extra=extra_state(end)
-    )
     summary = _suppression_outputs(out_dir, examples, sum_w, count, bs) if antibody else None
-    msg = f"finetune: {total} steps done; adapter in {os.path.join(out_dir, 'adapter')}"
+    msg = f"finetune: {opts['steps']} steps done; adapter in {os.path.join(out_dir, 'adapter')}"
     if summary and summary.get("auroc_benign_vs_harmful") is not None:
         msg += f"; suppression AUROC (benign vs harmful) = {summary['auroc_benign_vs_harmful']:.3f}"
     _say(msg)
