@@ -73,18 +73,12 @@ def _tiny_linear_model(seed=0):
 
 
 def _tiny_peft_llama(use_dora=False, modules_to_save=None, seed=0):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
+    from antibody_fast.models import tiny_llama
+
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(vocab_size=128, hidden=32, layers=2, heads=4, kv_heads=2, seed=seed, intermediate=64)
     lcfg = peft.LoraConfig(
         r=4,
         lora_alpha=8,
