@@ -15,6 +15,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,12 +34,6 @@
 namespace {
 
 using at::Tensor;
-
-#if defined(__GNUC__)
-#define AF_INLINE inline __attribute__((always_inline))
-#else
-#define AF_INLINE inline
-#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AF_HAS_AVX2_PATH 1

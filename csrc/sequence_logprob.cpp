@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
+
+#include "common.h"
 #include <torch/types.h>
 
 #include <algorithm>
@@ -41,12 +43,6 @@
 namespace {
 
 using at::Tensor;
-
-#if defined(__GNUC__)
-#define AF_INLINE inline __attribute__((always_inline))
-#else
-#define AF_INLINE inline
-#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AF_HAVE_AVX2_CLONE 1
