@@ -21,9 +21,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
+#include <torch/types.h>
 
 #include "common.h"
-#include <torch/types.h>
 
 #include <algorithm>
 #include <cmath>
