@@ -24,7 +24,7 @@ def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Antibody vs SFT, Vaccine, Lisa and Booster on a tiny Llama trained from scratch (CPU, "
-        "no download). Writes report.md, report.json, weights.png and hs_fa.png into --out.",
+        "no download). Writes report.md, report.json and PNG plots (weights, hs_fa, finetuning, alignment) into --out.",
     )
     # fmt: off
     add = p.add_argument
@@ -32,6 +32,9 @@ def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
         help=f"fraction of harmful samples in the user's fine-tuning set, in [0, 1] (default {d.harmful_ratio:g})")
     add("--samples", type=int, default=None, help=f"size of the user's fine-tuning set (default {d.samples})")
     add("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    add("--seeds", type=str, default=None,
+        help="comma-separated seeds, e.g. 0,1,2,3,4: one run per seed in OUT/seed_<k>/ plus a summary table "
+             "(mean and range) in OUT; overrides --seed")
     add("--methods", type=str, default=",".join(ALL_METHODS),
         help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all)")
     add("--steps", type=int, default=None, help=f"fine-tuning steps per method (default {d.steps})")
@@ -40,6 +43,8 @@ def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
     add("--align-lr", type=float, default=None, help=f"AdamW learning rate of stage 1 (default {d.align_lr:g})")
     add("--finetune-lr", type=float, default=None,
         help=f"AdamW learning rate of stage 2 (default {d.finetune_lr:g})")
+    add("--eval-every", type=int, default=None,
+        help=f"held-out HS/FA every N fine-tuning steps, for finetuning.png (default {d.eval_every}; 0: end only)")
     add("--threads", type=int, default=d.threads,
         help=f"torch CPU threads, fixed for reproducibility (default {d.threads})")
     add("--out", type=str, default=d.out, help=f"output directory (default ./{d.out})")
@@ -62,7 +67,14 @@ def config_from_args(args: argparse.Namespace):
         out=args.out,
         progress=not args.no_progress,
     )
-    for name in ("samples", "steps", "align_steps", "base_steps", "align_lr", "finetune_lr"):
+    if args.seeds is not None:
+        try:
+            kw["seeds"] = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        if not kw["seeds"]:
+            raise ValueError("--seeds is empty")
+    for name in ("samples", "steps", "align_steps", "base_steps", "align_lr", "finetune_lr", "eval_every"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
