@@ -177,6 +177,20 @@ def test_several_seeds_write_per_seed_runs_and_a_summary(quick, tmp_path):
         assert f.read(8) == PNG_MAGIC
 
 
+def test_stage_ablations(tmp_path):
+    """antibody_align = Antibody's alignment + SFT fine-tuning; antibody_ft = SFT alignment + weighted_step. Each
+    shares its alignment with the full row that uses it, and its fine-tuning step with the other."""
+    rc, report = _run(tmp_path, "--methods", "sft,antibody,antibody_align,antibody_ft")
+    assert rc == 0
+    rows = {r["method"]: r for r in report["methods"]}
+    assert rows["antibody_align"]["alignment"] == "antibody" and rows["antibody_ft"]["alignment"] == "sft"
+    assert rows["antibody_align"]["align_trace"] == rows["antibody"]["align_trace"]
+    assert rows["antibody_ft"]["align_trace"] == rows["sft"]["align_trace"]
+    # weighted_step records weights; sft_step does not
+    assert len(rows["antibody_ft"]["trace"]["harmful_weight"]) == report["config"]["steps"]
+    assert rows["antibody_align"]["trace"]["harmful_weight"] == []
+
+
 def test_methods_subset_and_options(tmp_path):
     rc, report = _run(
         tmp_path, "--methods", "antibody,sft", "--seed", "3", "--harmful-ratio", "0.5", "--steps", "3"

@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser", "config_from_args"]
 
 
 def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
-    from .run import ALL_METHODS, DemoConfig
+    from .run import ALL_METHODS, DEFAULT_METHODS, DemoConfig
 
     d = DemoConfig()
     p = argparse.ArgumentParser(
@@ -35,8 +35,10 @@ def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
     add("--seeds", type=str, default=None,
         help="comma-separated seeds, e.g. 0,1,2,3,4: one run per seed in OUT/seed_<k>/ plus a summary table "
              "(mean and range) in OUT; overrides --seed")
-    add("--methods", type=str, default=",".join(ALL_METHODS),
-        help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all)")
+    add("--methods", type=str, default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
+             "antibody_align = Antibody's alignment then SFT, antibody_ft = SFT alignment then Antibody's "
+             "weighted_step: stage ablations)")
     add("--steps", type=int, default=None, help=f"fine-tuning steps per method (default {d.steps})")
     add("--align-steps", type=int, default=None, help=f"alignment steps per method (default {d.align_steps})")
     add("--base-steps", type=int, default=None, help=f"base-training steps (default {d.base_steps})")

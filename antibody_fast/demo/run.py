@@ -14,6 +14,9 @@ Stages (one run, one seed; the language is :mod:`antibody_fast.demo.language`):
    alternating with the alignment data A, on the SFT-aligned model) for the Lisa row, Antibody's
    ``weighted_step`` for the Antibody row.
 
+Opt-in stage ablations (``methods``): ``antibody_align`` (Antibody's alignment, then ``sft_step``) and
+``antibody_ft`` (SFT alignment, then ``weighted_step``) show what each of Antibody's two stages does alone.
+
 Evaluation (greedy decoding): HS = % of held-out harmful prompts whose answer is not a refusal; FA = % of
 held-out ``INC`` prompts answered exactly. Held-out prompts never occur in any training set.
 
@@ -53,14 +56,22 @@ import torch
 
 from . import language as L
 
-ALL_METHODS = ("sft", "vaccine", "lisa", "booster", "antibody")
+DEFAULT_METHODS = ("sft", "vaccine", "lisa", "booster", "antibody")
+"""The paper's five rows, run by default."""
+ABLATIONS = ("antibody_align", "antibody_ft")
+"""Opt-in stage ablations: Antibody's alignment followed by plain SFT, and SFT alignment followed by Antibody's
+``weighted_step``."""
+ALL_METHODS = DEFAULT_METHODS + ABLATIONS
 METHOD_LABELS = {
     "sft": "SFT",
     "vaccine": "Vaccine",
     "lisa": "Lisa",
     "booster": "Booster",
     "antibody": "Antibody",
+    "antibody_align": "Antibody alignment + SFT",
+    "antibody_ft": "SFT alignment + Antibody FT",
 }
+WEIGHTED_FINETUNE = ("antibody", "antibody_ft")  # rows fine-tuned with weighted_step
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # alignment each fine-tuning row starts from
 ALIGNMENT_OF = {
@@ -69,6 +80,8 @@ ALIGNMENT_OF = {
     "lisa": "sft",
     "booster": "booster",
     "antibody": "antibody",
+    "antibody_align": "antibody",
+    "antibody_ft": "sft",
 }
 
 
@@ -79,7 +92,7 @@ class DemoConfig:
     seed: int = 0
     harmful_ratio: float = 0.2
     samples: int = 1000  # size of the user's fine-tuning set
-    methods: tuple[str, ...] = ALL_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     # fine-tuning steps (stage 2): 600 so that plain SFT learns the user's task on every seed. Measured SFT FA
     # on seeds 0-4 (SFT alignment, 20% harmful): 88/99/10/2/10% after 300 steps, 100/100/96/95/96% after 600.
     steps: int = 600
@@ -433,7 +446,7 @@ class Runner:
                 else:
                     idx = iu.next_indices()
                     batch = self.ft_collate(self._examples(self.data.user, idx))
-                if method == "antibody":
+                if method in WEIGHTED_FINETUNE:
                     stats, dt = self._time(lambda b=batch: weighted_step(model, b, opt))
                     w = stats.weights.detach() * len(idx)  # uniform weights = 1
                     flags = batch.is_harmful
@@ -534,7 +547,14 @@ def _plt():
 
 
 def _colors(methods: list[str]) -> dict[str, str]:
-    palette = {"sft": "tab:grey", "vaccine": "tab:purple", "lisa": "tab:orange", "booster": "tab:green"}
+    palette = {
+        "sft": "tab:grey",
+        "vaccine": "tab:purple",
+        "lisa": "tab:orange",
+        "booster": "tab:green",
+        "antibody_align": "tab:cyan",
+        "antibody_ft": "tab:brown",
+    }
     return {m: palette.get(m, "tab:blue") for m in methods}
 
 
@@ -554,7 +574,7 @@ def plot(report: dict, out: str) -> list[str]:
     files = []
     rows = report["methods"]
     colors = _colors([r["method"] for r in rows])
-    ab = next((r for r in rows if r["method"] == "antibody"), None)
+    ab = next((r for r in rows if r["method"] in WEIGHTED_FINETUNE), None)
     if ab is not None:
         tr = ab["trace"]
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -565,7 +585,7 @@ def plot(report: dict, out: str) -> list[str]:
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("mean weight × batch size")
         ax.set_yscale("log")
-        ax.set_title("Antibody fine-tuning: sample weights")
+        ax.set_title(f"{ab['label']}: sample weights")
         ax.legend()
         files.append(_save(fig, out, "weights.png"))
 
@@ -819,7 +839,9 @@ def _run_one(cfg: DemoConfig, log: Callable[[str], None]) -> dict:
 
 
 __all__ = [
+    "ABLATIONS",
     "ALL_METHODS",
+    "DEFAULT_METHODS",
     "DemoConfig",
     "evaluate",
     "format_summary_table",
