@@ -23,6 +23,14 @@ Pipeline on a real model (a local directory or a hub id; ``HF_HUB_OFFLINE=1`` is
   ``suppression_report.csv`` (each uploaded sample's mean weight over training) and, when harmful flags exist,
   ``suppression_summary.json`` (AUROC of the weights, benign vs harmful) and ``suppression_hist.png``
   (weights by class; needs matplotlib); ``evaluate`` writes ``eval.json`` and ``samples.jsonl``.
+* **Several processes**: launched with ``torchrun --nproc-per-node N -m antibody_fast align|finetune ...``,
+  ``align`` and ``finetune`` run data-parallel (NCCL on CUDA, one GPU per local rank; gloo on CPU).
+  ``--batch-size`` is per process: each step the ranks take consecutive slices of one global batch of
+  ``N x batch_size`` samples. The steps reduce the gradients, token counts and (``finetune``) the softmax over
+  that global batch, so the update equals one process with ``--batch-size N x batch_size``. Only rank 0 writes
+  (metrics, checkpoints, adapter, suppression report); per-sample weights are summed over ranks first. The
+  metrics' weight statistics are rank 0's slice. A checkpoint resumes with another number of processes when
+  ``N x batch_size`` stays the same. ``evaluate`` runs in one process.
 * **Bad input** (malformed JSON, a missing field, an empty dataset, a ratio outside [0, 1], an unknown model,
   a bad option) is reported as ``antibody-fast <command>: error: ...`` with exit status 2, naming the file,
   line and field, before anything is written.
@@ -357,6 +365,76 @@ def _resolve_device(name: str):
     return dev
 
 
+class _World:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 without one)."""
+
+    def __init__(self) -> None:
+        self.rank, self.size, self.owned = 0, 1, False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owned = False
+        self.rank, self.size = 0, 1
+
+
+_WORLD = _World()
+
+
+def _launched_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise CLIError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} is not an integer") from None
+
+
+def _init_distributed(device):
+    """Join the ``torchrun`` process group when launched with several processes; returns the device to use
+    (``cuda:LOCAL_RANK`` on CUDA). Single process: ``device`` unchanged."""
+    import torch
+    import torch.distributed as dist
+
+    world = _launched_world_size()
+    if world <= 1:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise CLIError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _WORLD.owned = True
+    _WORLD.rank, _WORLD.size = dist.get_rank(), dist.get_world_size()
+    return device
+
+
+def _sync_trainable(model) -> None:
+    """Every rank starts from rank 0's trainable parameters (they are equal already when every rank used the
+    same seed; this makes it certain)."""
+    if _WORLD.size > 1:
+        import torch.distributed as dist
+
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+
+
 def _check_model_source(model: str) -> None:
     """Fail early (before anything is written) on a model that cannot be found."""
     if os.path.isdir(model):
@@ -674,21 +752,22 @@ def _train_loop(
     ``log_fields(stats_dict) -> (metrics fields, progress-bar fields)``, ``save(step)`` writes the checkpoint.
     Returns False when stopped early by ``--stop-after`` (a checkpoint to resume from is left), else True.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    _atomic_write_text(
-        os.path.join(out_dir, "run_config.json"), json.dumps({"command": command, **opts}, indent=2)
-    )
-    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start if resumed else None)
+    main = _WORLD.main
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+        config = {"command": command, **opts, "world_size": _WORLD.size}
+        _atomic_write_text(os.path.join(out_dir, "run_config.json"), json.dumps(config, indent=2))
+    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start if resumed else None) if main else None
     total = opts["steps"]
     end = total if opts["stop_after"] is None else min(total, start + opts["stop_after"])
     label = command if command == "align" else f"{command} ({opts['method']})"
-    bar = _progress(opts, total, start, label)
+    bar = _progress({**opts, "no_progress": opts["no_progress"] or not main}, total, start, label)
     try:
         for step in range(start, end):
             batch, ntok = make_batch(step)
             t0 = time.perf_counter()
             stats = do_step(batch)
-            if (step + 1) % opts["log_every"] == 0 or step + 1 == end:
+            if main and ((step + 1) % opts["log_every"] == 0 or step + 1 == end):
                 s = stats.as_dict()  # host copy (synchronises) only on logged steps
                 dt = time.perf_counter() - t0
                 row = {
@@ -709,12 +788,16 @@ def _train_loop(
                 save(done)
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     save(end)
     if end < total:  # interrupted on purpose (--stop-after): the checkpoint above resumes it
-        _say(f"{command}: stopped after step {end}/{total}; resume with --resume")
+        if main:
+            _say(f"{command}: stopped after step {end}/{total}; resume with --resume")
         return False
-    _save_adapter(model, out_dir)
+    if main:
+        _save_adapter(model, out_dir)
+    _WORLD.barrier()
     return True
 
 
@@ -734,7 +817,7 @@ def _run_align(opts: dict) -> int:
     ]
     _check_model_source(opts["model"])
     _check_adapters(opts)
-    device = _resolve_device(opts["device"])
+    device = _init_distributed(_resolve_device(opts["device"]))
 
     import torch
 
@@ -763,6 +846,7 @@ def _run_align(opts: dict) -> int:
         + [(align[:1], harmful[i : i + chunk]) for i in range(0, len(harmful), chunk)],
         opts["align_data"] + " / " + opts["harmful_data"],
     )
+    _sync_trainable(model)
     optimizer, scheduler = _optimizer(model, opts, opts["steps"])
     state = AlignState()
     start = 0
@@ -770,10 +854,12 @@ def _run_align(opts: dict) -> int:
         extra = load_checkpoint(ckpt, model, optimizer, scheduler, state)
         start = _checked_extra(extra, "align", ckpt)["step"]
     bs, seed = opts["batch_size"], opts["seed"]
+    rank, world = _WORLD.rank, _WORLD.size
 
-    def make_batch(step):
-        a_idx = _order(len(align), seed, step * bs, bs)
-        h_idx = _order(len(harmful), seed + 1, step * bs, bs)
+    def make_batch(step):  # this rank's slice of the step's global batch
+        pos = (step * world + rank) * bs
+        a_idx = _order(len(align), seed, pos, bs)
+        h_idx = _order(len(harmful), seed + 1, pos, bs)
         batch = collator([align[i] for i in a_idx], [harmful[i] for i in h_idx])  # CPU tensors
         ntok = int(sum(b.attention_mask.sum() for b in (batch.align, batch.harmful, batch.refusal)))
         return batch.to(device), ntok
@@ -786,8 +872,11 @@ def _run_align(opts: dict) -> int:
         return {k: s[k] for k in keys if k in s}, post
 
     def save(step):
-        path = os.path.join(out_dir, "checkpoint.pt")
-        save_checkpoint(path, model, optimizer, scheduler, state, extra={"command": "align", "step": step})
+        if _WORLD.main:
+            path = os.path.join(out_dir, "checkpoint.pt")
+            extra = {"command": "align", "step": step}
+            save_checkpoint(path, model, optimizer, scheduler, state, extra=extra)
+        _WORLD.barrier()
 
     finished = _train_loop(
         opts,
@@ -802,7 +891,7 @@ def _run_align(opts: dict) -> int:
         log_fields,
         save,
     )
-    if finished:
+    if finished and _WORLD.main:
         _say(f"align: {opts['steps']} steps done; adapter in {os.path.join(out_dir, 'adapter')}")
     return 0
 
@@ -841,12 +930,13 @@ def _run_finetune(opts: dict) -> int:
         raise CLIError(str(e)) from None
     _check_model_source(opts["model"])
     _check_adapters(opts)
-    device = _resolve_device(opts["device"])
+    device = _init_distributed(_resolve_device(opts["device"]))
 
     import torch
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .data import FinetuneCollator
+    from .distributed import all_reduce_sum
     from .steps import FinetuneConfig, sft_step, weighted_step
 
     torch.manual_seed(opts["seed"])
@@ -862,6 +952,7 @@ def _run_finetune(opts: dict) -> int:
     model, tokenizer = _load_model(opts, device, train=True)
     collator = FinetuneCollator(tokenizer, max_length=opts["max_length"])
     _precheck(collator, [(examples[i : i + 64],) for i in range(0, len(examples), 64)], "user data")
+    _sync_trainable(model)
     optimizer, scheduler = _optimizer(model, opts, opts["steps"])
     n = len(examples)
     sum_w = torch.zeros(n, dtype=torch.float64, device=device)
@@ -874,12 +965,14 @@ def _run_finetune(opts: dict) -> int:
             raise CLIError(
                 f"--resume: {ckpt!r} was written for {extra['sum_w'].shape[0]} user samples, not {n}"
             )
-        sum_w.copy_(extra["sum_w"])
-        count.copy_(extra["count"])
+        if _WORLD.main:  # the saved sums are global: one rank holds them, the others restart from zero
+            sum_w.copy_(extra["sum_w"])
+            count.copy_(extra["count"])
     bs, seed = min(opts["batch_size"], n), opts["seed"]
+    rank, world = _WORLD.rank, _WORLD.size
 
-    def make_batch(step):
-        batch = collator([examples[i] for i in _order(n, seed, step * bs, bs)])  # CPU tensors
+    def make_batch(step):  # this rank's slice of the step's global batch; CPU tensors
+        batch = collator([examples[i] for i in _order(n, seed, (step * world + rank) * bs, bs)])
         return batch.to(device), int(batch.attention_mask.sum())
 
     def do_step(batch):
@@ -909,9 +1002,15 @@ def _run_finetune(opts: dict) -> int:
                 post[short] = "-" if row[k] is None else f"{row[k]:.3g}"
         return row, post
 
+    def global_sums():
+        return all_reduce_sum(sum_w.clone()), all_reduce_sum(count.clone())
+
     def save(step):
-        extra = {"command": "finetune", "step": step, "sum_w": sum_w.cpu(), "count": count.cpu()}
-        save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model, optimizer, scheduler, extra=extra)
+        total_w, total_c = global_sums()  # every rank joins the reduction; rank 0 writes
+        if _WORLD.main:
+            extra = {"command": "finetune", "step": step, "sum_w": total_w.cpu(), "count": total_c.cpu()}
+            save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model, optimizer, scheduler, extra=extra)
+        _WORLD.barrier()
 
     if not _train_loop(
         opts,
@@ -927,7 +1026,15 @@ def _run_finetune(opts: dict) -> int:
         save,
     ):
         return 0
-    summary = _suppression_outputs(out_dir, examples, sum_w, count, bs) if antibody else None
+    if not antibody:
+        summary = None
+    else:
+        total_w, total_c = global_sums()
+        if not _WORLD.main:
+            return 0
+        summary = _suppression_outputs(out_dir, examples, total_w, total_c, bs * world)
+    if not _WORLD.main:
+        return 0
     msg = f"finetune: {opts['steps']} steps done; adapter in {os.path.join(out_dir, 'adapter')}"
     if summary and summary.get("auroc_benign_vs_harmful") is not None:
         msg += f"; suppression AUROC (benign vs harmful) = {summary['auroc_benign_vs_harmful']:.3f}"
@@ -1019,7 +1126,12 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
 
     try:
         opts = parse_options(command, list(sys.argv[1:] if argv is None else argv))
-        return RUNNERS[command](opts)
+        if command == "evaluate" and _launched_world_size() > 1:
+            raise CLIError("evaluate runs in one process: launch it without torchrun (WORLD_SIZE > 1 here)")
+        try:
+            return RUNNERS[command](opts)
+        finally:
+            _WORLD.close()
     except SystemExit as e:  # --help
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except (CLIError, DataError, FileNotFoundError) as e:

@@ -369,3 +369,98 @@ def test_classifier_judge(tmp_path):
     assert ClassifierJudge(str(tmp_path / "judge"), harmful_labels=["safe"]).harmful_ids == [0]
     with pytest.raises(ValueError, match="unknown label"):
         ClassifierJudge(str(tmp_path / "judge"), harmful_labels=["toxic"])
+
+
+# ------------------------------------------------------------------------------------ torchrun (2 x gloo)
+def _torchrun(command, args, nproc=2):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "antibody_fast", command, *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _csv_weights(path):
+    with open(path) as f:
+        return {int(r["index"]): (int(r["times_seen"]), r["mean_weight"]) for r in csv.DictReader(f)}
+
+
+def test_torchrun_two_processes_equal_one_process_with_the_global_batch(env, tmp_path, capsys):
+    """``torchrun --nproc-per-node 2`` with --batch-size 2 = one process with --batch-size 4: same adapter, same
+    per-sample weights; only rank 0 writes. A 2-process checkpoint resumes in one process (the data order is
+    defined over the global batch)."""
+    from antibody_fast.testing import assert_close
+
+    def args(out, bs, *extra):
+        a = _finetune_args(env, out, "--lr", "1e-2", *extra)
+        a[a.index("--batch-size") + 1] = str(bs)
+        return a
+
+    single = tmp_path / "single"
+    assert train_cli.main("finetune", args(single, 4)) == 0
+    two = tmp_path / "two"
+    proc = _torchrun("finetune", args(two, 2))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("finetune: 4 steps done") == 1  # rank 0 only
+    assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
+    a, b = _adapter_state(single), _adapter_state(two)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, name=k)
+    ws, wt = _csv_weights(single / "suppression_report.csv"), _csv_weights(two / "suppression_report.csv")
+    assert ws.keys() == wt.keys()
+    for i in ws:
+        assert ws[i][0] == wt[i][0], i  # every sample seen as often
+        if ws[i][0]:
+            assert abs(float(ws[i][1]) - float(wt[i][1])) <= 1e-5 * abs(float(ws[i][1])) + 1e-7, i
+    loss_1 = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines()]
+    loss_2 = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(loss_1) == len(loss_2) == 4
+    for x, y in zip(loss_1, loss_2):  # the logged loss is the global one
+        assert abs(x - y) <= 1e-5 * abs(x), (x, y)
+
+    part = tmp_path / "part"
+    proc = _torchrun("finetune", [*args(part, 2), "--save-every", "1", "--stop-after", "2"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not (part / "adapter").exists() and (part / "checkpoint.pt").is_file()
+    assert train_cli.main("finetune", [*args(part, 4), "--resume"]) == 0
+    c = _adapter_state(part)
+    for k in a:
+        assert_close(c[k], a[k], atol=1e-5, rtol=1e-4, name=k)
+    assert _csv_weights(part / "suppression_report.csv").keys() == ws.keys()
+
+
+def test_torchrun_align_equals_one_process(env, tmp_path):
+    from antibody_fast.testing import assert_close
+
+    def args(out, bs):
+        return ["--model", env["model"], "--align-data", env["align"], "--harmful-data", env["harmful"],
+                "--steps", "2", "--batch-size", str(bs), "--lr", "1e-2", "--momentum", "0.5", "--output", str(out),
+                *COMMON]  # fmt: skip
+
+    assert train_cli.main("align", args(tmp_path / "single", 4)) == 0
+    proc = _torchrun("align", args(tmp_path / "two", 2))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = _adapter_state(tmp_path / "single"), _adapter_state(tmp_path / "two")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, name=k)
+    lam = [
+        json.loads(x)["lambda_t"] for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()
+    ]
+    lam2 = [json.loads(x)["lambda_t"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lam) == len(lam2) == 2
+    for x, y in zip(lam, lam2):
+        assert abs(x - y) <= 1e-4 * abs(x), (x, y)
+
+
+def test_evaluate_refuses_torchrun(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = train_cli.main(
+        "evaluate",
+        ["--model", env["model"], "--task", "sst2", "--task-data", env["sst2"], "--output", str(tmp_path)],
+    )
+    assert rc == 2
+    assert "evaluate runs in one process" in capsys.readouterr().err
