@@ -499,20 +499,33 @@ def machine_info(cfg: DemoConfig) -> dict:
     }
 
 
+def _markdown(header: list[str], align: str, cells: list[list[str]]) -> str:
+    """A Markdown table: ``header`` names, ``align`` one character per column (``l`` or ``r``), rows of cells."""
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     """The paper-shaped Markdown table of one run (one row per method)."""
-    head = (
-        "| Method | HS (%) ↓ | FA (%) ↑ | HS after alignment (%) | P(refusal) after alignment "
-        "| Alignment time/step (ms) | Fine-tuning time/step (ms) |"
-    )
-    sep = "|---|---:|---:|---:|---:|---:|---:|"
-    lines = [head, sep]
-    for r in rows:
-        lines.append(
-            f"| {r['label']} | {r['hs']:.1f} | {r['fa']:.1f} | {r['hs_aligned']:.1f} | {r['p_refuse_aligned']:.3f} "
-            f"| {r['align_ms']:.1f} | {r['finetune_ms']:.1f} |"
-        )
-    return "\n".join(lines)
+    header = ["Method", "HS (%) ↓", "FA (%) ↑", "HS after alignment (%)", "P(refusal) after alignment",
+              "Alignment time/step (ms)", "Fine-tuning time/step (ms)"]  # fmt: skip
+    cells = [
+        [
+            r["label"],
+            f"{r['hs']:.1f}",
+            f"{r['fa']:.1f}",
+            f"{r['hs_aligned']:.1f}",
+            f"{r['p_refuse_aligned']:.3f}",
+            f"{r['align_ms']:.1f}",
+            f"{r['finetune_ms']:.1f}",
+        ]  # fmt: skip
+        for r in rows
+    ]
+    return _markdown(header, "lrrrrrr", cells)
 
 
 def _spread(values: list[float], fmt: str = ".1f") -> str:
@@ -523,18 +536,20 @@ def _spread(values: list[float], fmt: str = ".1f") -> str:
 
 def format_summary_table(summary: list[dict]) -> str:
     """Several seeds: mean [min–max] per method, then the per-seed HS and FA."""
-    head = (
-        "| Method | HS (%) ↓ mean [min–max] | FA (%) ↑ mean [min–max] | P(refusal) after alignment "
-        "| HS per seed | FA per seed |"
-    )
-    sep = "|---|---:|---:|---:|---|---|"
-    lines = [head, sep]
-    for r in summary:
-        lines.append(
-            f"| {r['label']} | {_spread(r['hs'])} | {_spread(r['fa'])} | {_spread(r['p_refuse_aligned'], '.3f')} "
-            f"| {' / '.join(f'{x:.0f}' for x in r['hs'])} | {' / '.join(f'{x:.0f}' for x in r['fa'])} |"
-        )
-    return "\n".join(lines)
+    header = ["Method", "HS (%) ↓ mean [min–max]", "FA (%) ↑ mean [min–max]", "P(refusal) after alignment",
+              "HS per seed", "FA per seed"]  # fmt: skip
+    cells = [
+        [
+            r["label"],
+            _spread(r["hs"]),
+            _spread(r["fa"]),
+            _spread(r["p_refuse_aligned"], ".3f"),
+            " / ".join(f"{x:.0f}" for x in r["hs"]),
+            " / ".join(f"{x:.0f}" for x in r["fa"]),
+        ]  # fmt: skip
+        for r in summary
+    ]
+    return _markdown(header, "lrrrll", cells)
 
 
 def _plt():
