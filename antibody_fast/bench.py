@@ -1114,12 +1114,20 @@ def _write_reports(doc: dict, json_path: Path) -> tuple[Path, Path | None]:
     return md_path, png_path
 
 
+def _default_sigint() -> None:  # runs in the child between fork and exec
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_pytest(cmd: list[str], env: dict, cwd: Path, time_limit: float | None) -> tuple[int, str | None]:
     """Run pytest; return ``(exit status, why it was interrupted or None)``. Past ``time_limit`` seconds
     pytest gets SIGINT (it then ends the session and pytest-benchmark writes the JSON of the finished cases)
     and is killed 60 s later if it still runs. On Ctrl-C / SIGINT to the process group (e.g. from an outer
-    ``timeout -s INT``) pytest got the signal too and is given 15 s to do the same."""
-    proc = subprocess.Popen(cmd, env=env, cwd=str(cwd))
+    ``timeout -s INT``) pytest got the signal too and is given 15 s to do the same.
+
+    pytest starts with SIGINT at its default disposition even when this process ignores it (a background job
+    of a non-interactive shell, ``nohup``): Python only turns SIGINT into KeyboardInterrupt, which pytest needs
+    to end the session and write the finished cases, when SIGINT is not ignored at startup."""
+    proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), preexec_fn=_default_sigint)
     try:
         return proc.wait(timeout=time_limit), None
     except subprocess.TimeoutExpired:
