@@ -191,6 +191,20 @@ def test_stage_ablations(tmp_path):
     assert rows["antibody_align"]["trace"]["harmful_weight"] == []
 
 
+def test_finetune_optimizer_option(quick, tmp_path):
+    """--finetune-optimizer sgd changes stage 2 only: same base and alignment, same first fine-tuning loss
+    (same initial adapters and batch), different trajectory afterwards."""
+    _, _, adamw = quick
+    rc, sgd = _run(tmp_path, "--finetune-optimizer", "sgd", "--finetune-lr", "0.5")
+    assert rc == 0 and sgd["config"]["finetune_optimizer"] == "sgd"
+    assert adamw["config"]["finetune_optimizer"] == "adamw"
+    assert sgd["base"] == adamw["base"]
+    for a, b in zip(adamw["methods"], sgd["methods"]):
+        assert a["align_trace"] == b["align_trace"] and a["hs_aligned"] == b["hs_aligned"], a["method"]
+        assert a["trace"]["loss"][0] == b["trace"]["loss"][0], a["method"]
+        assert a["trace"]["loss"][1:] != b["trace"]["loss"][1:], a["method"]
+
+
 def test_methods_subset_and_options(tmp_path):
     rc, report = _run(
         tmp_path, "--methods", "antibody,sft", "--seed", "3", "--harmful-ratio", "0.5", "--steps", "3"
@@ -218,6 +232,7 @@ def test_methods_subset_and_options(tmp_path):
         (["--seeds", "-1"], "--seeds must be non-negative"),
         (["--seeds", ","], "--seeds is empty"),
         (["--eval-every", "-1"], "--eval-every must be >= 0"),
+        (["--finetune-optimizer", "adam"], "invalid choice"),
     ],
 )
 def test_bad_options(argv, message, tmp_path, capsys):

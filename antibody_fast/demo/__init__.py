@@ -44,7 +44,9 @@ def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
     add("--base-steps", type=int, default=None, help=f"base-training steps (default {d.base_steps})")
     add("--align-lr", type=float, default=None, help=f"AdamW learning rate of stage 1 (default {d.align_lr:g})")
     add("--finetune-lr", type=float, default=None,
-        help=f"AdamW learning rate of stage 2 (default {d.finetune_lr:g})")
+        help=f"learning rate of stage 2 (default {d.finetune_lr:g})")
+    add("--finetune-optimizer", choices=("adamw", "sgd"), default=d.finetune_optimizer,
+        help="optimizer of stage 2: adamw (default, the paper's) or sgd (momentum 0.9), for comparison")
     add("--eval-every", type=int, default=None,
         help=f"held-out HS/FA every N fine-tuning steps, for finetuning.png (default {d.eval_every}; 0: end only)")
     add("--threads", type=int, default=d.threads,
@@ -66,6 +68,7 @@ def config_from_args(args: argparse.Namespace):
         harmful_ratio=args.harmful_ratio,
         methods=methods,
         threads=args.threads,
+        finetune_optimizer=args.finetune_optimizer,
         out=args.out,
         progress=not args.no_progress,
     )

@@ -107,6 +107,9 @@ class DemoConfig:
     base_lr: float = 3e-3
     align_lr: float = 1e-3
     finetune_lr: float = 1e-3
+    finetune_optimizer: str = (
+        "adamw"  # stage 2: "adamw" (the paper's) or "sgd" (momentum 0.9), for comparison
+    )
     base_user_samples: int = 100  # distinct user-task (INC) samples in the base training mix
     align_samples: int = 400  # alignment set (harmful prompt -> refusal) and harmful set sizes
     eval_harmful: int = 200
@@ -156,6 +159,8 @@ class DemoConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.samples < self.batch_size:
             raise ValueError(f"--samples ({self.samples}) must be >= the batch size ({self.batch_size})")
+        if self.finetune_optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"--finetune-optimizer must be adamw or sgd, got {self.finetune_optimizer!r}")
         for name in ("base_lr", "align_lr", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -356,8 +361,9 @@ class Runner:
                 bar.update()
         return copy.deepcopy(model.state_dict())
 
-    def _fresh(self, state: dict[str, torch.Tensor], lr: float):
-        """A model with ``state`` as frozen base weights and fresh LoRA adapters (the paper's setting)."""
+    def _fresh(self, state: dict[str, torch.Tensor], lr: float, optimizer: str = "adamw"):
+        """A model with ``state`` as frozen base weights and fresh LoRA adapters (the paper's setting), and its
+        optimizer (AdamW without weight decay, or SGD with momentum 0.9)."""
         from ..models import add_lora
 
         model = build_model(self.cfg)
@@ -371,8 +377,10 @@ class Runner:
                 targets=LORA_TARGETS,
                 seed=self.cfg.seed,
             )
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        return model, opt
+        params = [p for p in model.parameters() if p.requires_grad]
+        if optimizer == "sgd":
+            return model, torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     # stage 1 --------------------------------------------------------------------------------------------
     def align(self, method: str, base_state) -> tuple[dict[str, torch.Tensor], float, dict[str, list[float]]]:
@@ -428,7 +436,7 @@ class Runner:
         from ..steps import sft_step, weighted_step
 
         cfg = self.cfg
-        model, opt = self._fresh(aligned_state, cfg.finetune_lr)
+        model, opt = self._fresh(aligned_state, cfg.finetune_lr, cfg.finetune_optimizer)
         iu = Batches(self.data.user, cfg.batch_size, cfg.seed + 4)
         ia = Batches(self.data.align, cfg.batch_size, cfg.seed + 5)
         # Lisa's 100/900 alternation, scaled to the demo: about 5 cycles over the run
