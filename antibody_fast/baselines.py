@@ -30,6 +30,7 @@ from torch import nn
 
 from .data.batch import IGNORE_INDEX, LMBatch
 from .reference import hf_loss
+from .steps import _finish, _parts, _token_mean_loss, flat_parameters
 
 __all__ = [
     "BaselineStats",
@@ -119,23 +120,8 @@ def _replace_first(output, value):
 def _lm_loss(model: nn.Module, batch: LMBatch, impl: str = "auto") -> torch.Tensor:
     """Token-mean CE over answer tokens with the fused linear log-likelihood (0-d fp32 tensor): the same loss
     as :func:`antibody_fast.sft_step`."""
-    from .steps import _parts, _token_mean_loss
-
     loss, _ = _token_mean_loss(_parts(model), batch, impl, None, None, None)
     return loss
-
-
-def _finish_flat(flat, optimizer, scheduler, max_grad_norm, impl: str) -> torch.Tensor:
-    """The steps' fused clip + optimizer/scheduler step + flat zero-grad; ``max_grad_norm`` None or 0: no clip."""
-    from .steps import _finish
-
-    return _finish(flat, optimizer, scheduler, max_grad_norm or None, impl)
-
-
-def _flat(model: nn.Module):
-    from .steps import flat_parameters
-
-    return flat_parameters(model)
 
 
 def _check_common(model, optimizer, max_grad_norm):
@@ -179,7 +165,7 @@ def vaccine_step(
     if not rho >= 0:
         raise ValueError(f"rho must be >= 0, got {rho}")
     modules = list(attention_modules) if attention_modules is not None else find_attention_modules(model)
-    flat = _flat(model)
+    flat = flat_parameters(model)
 
     # pass 1: gradients w.r.t. the attention outputs only
     outputs: list[torch.Tensor] = []
@@ -221,7 +207,7 @@ def vaccine_step(
             h.remove()
     loss.backward()
     flat.ensure_grad_views()  # no-op unless something replaced .grad (e.g. optimizer.zero_grad())
-    norm = _finish_flat(flat, optimizer, scheduler, max_grad_norm, impl)
+    norm = _finish(flat, optimizer, scheduler, max_grad_norm or None, impl)  # 0 or None: no clip
     return BaselineStats(
         loss=loss.detach(),
         grad_norm=norm,
@@ -387,7 +373,7 @@ def _check_lisa(model, batch, optimizer, state, config):
     config.validate()
     _check_common(model, optimizer, config.max_grad_norm)
     _check_batch(model, batch)
-    flat = _flat(model)
+    flat = flat_parameters(model)
     bufs = flat.param_buffers
     if state.anchor is not None:
         ok = len(state.anchor) == len(bufs) and all(
@@ -451,7 +437,7 @@ def lisa_step(
         prox = 0.5 * config.rho * grad_dots(grads, theta, state.anchor, impl=impl)[2]
         if config.rho:
             antibody_combine_(grads, grads, theta, state.anchor, None, float(config.rho), 0.0, impl=impl)
-    norm = _finish_flat(flat, optimizer, scheduler, config.max_grad_norm, impl)
+    norm = _finish(flat, optimizer, scheduler, config.max_grad_norm or None, impl)  # 0 or None: no clip
     state.step += 1
     return BaselineStats(loss=loss.detach(), grad_norm=norm, extra={"proximal": prox})
 

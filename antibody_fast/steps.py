@@ -161,6 +161,16 @@ class AlignConfig:
         _check_amp(self.amp_dtype, "AlignConfig")
 
 
+def _checked_config(config, cls: type, owner: str):
+    """``config`` (``cls()`` when None), type-checked and validated; raises before anything is modified."""
+    config = cls() if config is None else config
+    if not isinstance(config, cls):
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise TypeError(f"{owner}: config must be {article} {cls.__name__}, got {type(config).__name__}")
+    config.check()
+    return config
+
+
 def _check_max_norm(v, owner: str) -> None:
     if v is None:
         return
@@ -627,10 +637,7 @@ def weighted_step(
     Raises:
         ValueError / TypeError: bad batch, model or config -- raised before anything is modified.
     """
-    config = FinetuneConfig() if config is None else config
-    if not isinstance(config, FinetuneConfig):
-        raise TypeError(f"weighted_step: config must be a FinetuneConfig, got {type(config).__name__}")
-    config.check()
+    config = _checked_config(config, FinetuneConfig, "weighted_step")
     batches = _as_batches(batch, "weighted_step")
     inner = _unwrap(model)
     device = _model_device(inner)
@@ -754,10 +761,7 @@ def sft_step(
     Returns:
         :class:`StepStats` with ``loss`` (0-dim fp32, global token mean), ``grad_norm`` and ``num_tokens [B]``.
     """
-    config = FinetuneConfig() if config is None else config
-    if not isinstance(config, FinetuneConfig):
-        raise TypeError(f"sft_step: config must be a FinetuneConfig, got {type(config).__name__}")
-    config.check()
+    config = _checked_config(config, FinetuneConfig, "sft_step")
     batches = _as_batches(batch, "sft_step")
     inner = _unwrap(model)
     device = _model_device(inner)
@@ -830,10 +834,7 @@ def align_step(
         :class:`StepStats` with ``loss`` (= ``L_A``), ``grad_norm`` (of δ before clipping), ``lambda_t``,
         ``lambda_raw``, ``cos``, ``dots``, the four losses and ``num_tokens`` of A.
     """
-    config = AlignConfig() if config is None else config
-    if not isinstance(config, AlignConfig):
-        raise TypeError(f"align_step: config must be an AlignConfig, got {type(config).__name__}")
-    config.check()
+    config = _checked_config(config, AlignConfig, "align_step")
     if not isinstance(state, AlignState):
         raise TypeError(f"align_step: state must be an AlignState, got {type(state).__name__}")
     if not isinstance(batch, AlignBatch):

@@ -801,31 +801,38 @@ def _train_loop(
     return True
 
 
+def _templated(records: list[dict], opts: dict) -> list[dict]:
+    """Prompt/response records with the prompt template applied and ``index`` = position in the file."""
+    return [
+        {"prompt": _template(e["prompt"], opts), "response": e["response"], "index": i}
+        for i, e in enumerate(records)
+    ]
+
+
+def _training_device(opts: dict):
+    """Checks that need no model (source, adapters), the process group under torchrun, the device, the seed."""
+    import torch
+
+    _check_model_source(opts["model"])
+    _check_adapters(opts)
+    device = _init_distributed(_resolve_device(opts["device"]))
+    torch.manual_seed(opts["seed"])
+    return device
+
+
 def _run_align(opts: dict) -> int:
     from .data.loaders import load_alignment, load_harmful
 
     out_dir, ckpt = _prepare_output(opts, "align")
     align = load_alignment(opts["align_data"], limit=opts["num_align"])
     harmful = load_harmful(opts["harmful_data"], limit=opts["num_harmful"])
-    align = [
-        {"prompt": _template(e["prompt"], opts), "response": e["response"], "index": i}
-        for i, e in enumerate(align)
-    ]
-    harmful = [
-        {"prompt": _template(e["prompt"], opts), "response": e["response"], "index": i}
-        for i, e in enumerate(harmful)
-    ]
-    _check_model_source(opts["model"])
-    _check_adapters(opts)
-    device = _init_distributed(_resolve_device(opts["device"]))
-
-    import torch
+    align, harmful = _templated(align, opts), _templated(harmful, opts)
+    device = _training_device(opts)
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .data import AlignCollator
     from .steps import AlignConfig, AlignState, align_step
 
-    torch.manual_seed(opts["seed"])
     config = AlignConfig(
         rule=opts["rule"],
         eta=opts["eta"],
@@ -928,9 +935,7 @@ def _run_finetune(opts: dict) -> int:
         )
     except ValueError as e:
         raise CLIError(str(e)) from None
-    _check_model_source(opts["model"])
-    _check_adapters(opts)
-    device = _init_distributed(_resolve_device(opts["device"]))
+    device = _training_device(opts)
 
     import torch
 
@@ -939,7 +944,6 @@ def _run_finetune(opts: dict) -> int:
     from .distributed import all_reduce_sum
     from .steps import FinetuneConfig, sft_step, weighted_step
 
-    torch.manual_seed(opts["seed"])
     config = FinetuneConfig(
         tau=opts["tau"],
         max_grad_norm=opts["max_grad_norm"] or None,

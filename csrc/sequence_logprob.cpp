@@ -316,6 +316,19 @@ Tensor rows_tensor(const std::vector<int64_t>& rows) {
 // fused linear op
 // ---------------------------------------------------------------------------------------------------------
 
+// Logits of one chunk of scored rows into z [c, V]: gather the rows of `hidden` at `idx`, upcast them to
+// `acc`, z = h @ Wt (+ bias). Returns the gathered rows (the backward reuses them for dW).
+Tensor chunk_logits(Tensor& z, const Tensor& hidden, const Tensor& idx, const Tensor& Wt,
+                    const std::optional<Tensor>& bias, at::ScalarType acc) {
+  Tensor h = hidden.index_select(0, idx).to(acc);
+  if (bias) {
+    at::addmm_out(z, *bias, h, Wt);
+  } else {
+    at::mm_out(z, h, Wt);
+  }
+  return h;
+}
+
 template <typename T>
 void linear_fwd_impl(const Tensor& hidden, const Tensor& W, const std::optional<Tensor>& bias,
                      const Tensor& targets, const Tensor& seq_ids, const std::vector<int64_t>& rows, int64_t ng,
@@ -336,13 +349,8 @@ void linear_fwd_impl(const Tensor& hidden, const Tensor& W, const std::optional<
   for (int64_t start = 0; start < R; start += C) {
     const int64_t c = std::min(C, R - start);
     Tensor idx = idx_all.narrow(0, start, c);
-    Tensor h = hidden.index_select(0, idx).to(acc);
     Tensor z = zbuf.narrow(0, 0, c);
-    if (bias) {
-      at::addmm_out(z, *bias, h, Wt);
-    } else {
-      at::mm_out(z, h, Wt);
-    }
+    chunk_logits(z, hidden, idx, Wt, bias, acc);
     // grad rows (index < ng) form a prefix of the chunk since rows are increasing
     const int64_t* rp = rows.data() + start;
     const int64_t cg = precompute ? static_cast<int64_t>(std::lower_bound(rp, rp + c, ng) - rp) : 0;
@@ -412,13 +420,8 @@ void linear_fwd_impl_chunks(const Tensor& hidden, const Tensor& W, const std::op
     }
     for (const auto& [start, c] : chunks) {
       Tensor idx = idx_all.narrow(0, start, c);
-      Tensor h = hid.index_select(0, idx).to(acc);
       Tensor z = zbuf.narrow(0, 0, c);
-      if (bias) {
-        at::addmm_out(z, *bd, h, Wdt);
-      } else {
-        at::mm_out(z, h, Wdt);
-      }
+      chunk_logits(z, hid, idx, Wdt, bd, acc);
       const int64_t* rp = rows.data() + start;
       const int64_t cg = precompute ? static_cast<int64_t>(std::lower_bound(rp, rp + c, ng) - rp) : 0;
       T* zp = z.data_ptr<T>();
@@ -518,13 +521,8 @@ void linear_bwd_impl(const Tensor& grad, const Tensor& hidden, const Tensor& W, 
   for (int64_t start = 0; start < R; start += C) {
     const int64_t c = std::min(C, R - start);
     Tensor idx = idx_all.narrow(0, start, c);
-    Tensor h = hidden.index_select(0, idx).to(acc);
     Tensor z = zbuf.narrow(0, 0, c);
-    if (bias) {
-      at::addmm_out(z, *bias, h, Wt);
-    } else {
-      at::mm_out(z, h, Wt);
-    }
+    const Tensor h = chunk_logits(z, hidden, idx, Wt, bias, acc);
     const int64_t* rp = rows.data() + start;
     T* zp = z.data_ptr<T>();
     at::parallel_for(0, c, 1, [&](int64_t b0, int64_t b1) {

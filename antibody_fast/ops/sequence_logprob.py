@@ -619,34 +619,17 @@ def _bwd_kernel(grad, logits, targets, seq_ids, lse, ignore_index, impl):
     return _torch_bwd(grad, logits, targets, seq_ids, lse, ignore_index)
 
 
-_linear_fwd_op = torch.library.custom_op(
-    "antibody_fast::linear_sequence_logprob_fwd",
-    _linear_fwd_kernel,
-    mutates_args=(),
-    device_types=("cpu", "cuda"),
-    schema=_LINEAR_FWD_SCHEMA,
-)
-_linear_bwd_op = torch.library.custom_op(
-    "antibody_fast::linear_sequence_logprob_bwd",
-    _linear_bwd_kernel,
-    mutates_args=(),
-    device_types=("cpu", "cuda"),
-    schema=_LINEAR_BWD_SCHEMA,
-)
-_fwd_op = torch.library.custom_op(
-    "antibody_fast::sequence_logprob_fwd",
-    _fwd_kernel,
-    mutates_args=(),
-    device_types=("cpu", "cuda"),
-    schema=_FWD_SCHEMA,
-)
-_bwd_op = torch.library.custom_op(
-    "antibody_fast::sequence_logprob_bwd",
-    _bwd_kernel,
-    mutates_args=(),
-    device_types=("cpu", "cuda"),
-    schema=_BWD_SCHEMA,
-)
+def _custom_op(name: str, fn, schema: str):
+    """A functional (non-mutating) ``antibody_fast::<name>`` custom op with CPU and CUDA kernels ``fn``."""
+    return torch.library.custom_op(
+        f"antibody_fast::{name}", fn, mutates_args=(), device_types=("cpu", "cuda"), schema=schema
+    )
+
+
+_linear_fwd_op = _custom_op("linear_sequence_logprob_fwd", _linear_fwd_kernel, _LINEAR_FWD_SCHEMA)
+_linear_bwd_op = _custom_op("linear_sequence_logprob_bwd", _linear_bwd_kernel, _LINEAR_BWD_SCHEMA)
+_fwd_op = _custom_op("sequence_logprob_fwd", _fwd_kernel, _FWD_SCHEMA)
+_bwd_op = _custom_op("sequence_logprob_bwd", _bwd_kernel, _BWD_SCHEMA)
 
 
 @_linear_fwd_op.register_fake
