@@ -426,13 +426,16 @@ def _init_distributed(device):
 
 def _sync_trainable(model) -> None:
     """Every rank starts from rank 0's trainable parameters (they are equal already when every rank used the
-    same seed; this makes it certain)."""
+    same seed; this makes it certain): one broadcast per flat parameter buffer (the steps' own buffers)."""
     if _WORLD.size > 1:
+        import torch
         import torch.distributed as dist
 
-        for p in model.parameters():
-            if p.requires_grad:
-                dist.broadcast(p.data, src=0)
+        from .steps import flat_parameters
+
+        with torch.no_grad():
+            for buf in flat_parameters(model).param_buffers:
+                dist.broadcast(buf, src=0)
 
 
 def _check_model_source(model: str) -> None:
@@ -857,11 +860,11 @@ def _run_align(opts: dict) -> int:
     optimizer, scheduler = _optimizer(model, opts, opts["steps"])
     state = AlignState()
     start = 0
-    if ckpt is not None:
-        extra = load_checkpoint(ckpt, model, optimizer, scheduler, state)
-        start = _checked_extra(extra, "align", ckpt)["step"]
     bs, seed = opts["batch_size"], opts["seed"]
     rank, world = _WORLD.rank, _WORLD.size
+    if ckpt is not None:
+        extra = load_checkpoint(ckpt, model, optimizer, scheduler, state)
+        start = _checked_extra(extra, "align", ckpt, bs * world)["step"]
 
     def make_batch(step):  # this rank's slice of the step's global batch
         pos = (step * world + rank) * bs
@@ -881,7 +884,7 @@ def _run_align(opts: dict) -> int:
     def save(step):
         if _WORLD.main:
             path = os.path.join(out_dir, "checkpoint.pt")
-            extra = {"command": "align", "step": step}
+            extra = {"command": "align", "step": step, "global_batch": bs * world}
             save_checkpoint(path, model, optimizer, scheduler, state, extra=extra)
         _WORLD.barrier()
 
@@ -913,13 +916,19 @@ def _precheck(collate, batches: list, what: str) -> None:
             raise CLIError(f"{what}: {e}") from None
 
 
-def _checked_extra(extra, command: str, path: str) -> dict:
+def _checked_extra(extra, command: str, path: str, global_batch: int) -> dict:
     if (
         not isinstance(extra, dict)
         or extra.get("command") != command
         or not isinstance(extra.get("step"), int)
     ):
         raise CLIError(f"--resume: {path!r} is not a checkpoint of `antibody-fast {command}`")
+    saved = extra.get("global_batch", global_batch)
+    if saved != global_batch:
+        raise CLIError(
+            f"--resume: {path!r} was written with {saved} samples per step (--batch-size x processes), this run "
+            f"has {global_batch}: the data order would not continue; keep --batch-size x processes the same"
+        )
     return extra
 
 
@@ -962,9 +971,11 @@ def _run_finetune(opts: dict) -> int:
     sum_w = torch.zeros(n, dtype=torch.float64, device=device)
     count = torch.zeros(n, dtype=torch.float64, device=device)
     start = 0
+    bs, seed = min(opts["batch_size"], n), opts["seed"]
+    rank, world = _WORLD.rank, _WORLD.size
     if ckpt is not None:
-        extra = _checked_extra(load_checkpoint(ckpt, model, optimizer, scheduler), "finetune", ckpt)
-        start = extra["step"]
+        extra = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start = _checked_extra(extra, "finetune", ckpt, bs * world)["step"]
         if extra["sum_w"].shape != (n,):
             raise CLIError(
                 f"--resume: {ckpt!r} was written for {extra['sum_w'].shape[0]} user samples, not {n}"
@@ -972,8 +983,6 @@ def _run_finetune(opts: dict) -> int:
         if _WORLD.main:  # the saved sums are global: one rank holds them, the others restart from zero
             sum_w.copy_(extra["sum_w"])
             count.copy_(extra["count"])
-    bs, seed = min(opts["batch_size"], n), opts["seed"]
-    rank, world = _WORLD.rank, _WORLD.size
 
     def make_batch(step):  # this rank's slice of the step's global batch; CPU tensors
         batch = collator([examples[i] for i in _order(n, seed, (step * world + rank) * bs, bs)])
@@ -1012,7 +1021,8 @@ def _run_finetune(opts: dict) -> int:
     def save(step):
         total_w, total_c = global_sums()  # every rank joins the reduction; rank 0 writes
         if _WORLD.main:
-            extra = {"command": "finetune", "step": step, "sum_w": total_w.cpu(), "count": total_c.cpu()}
+            extra = {"command": "finetune", "step": step, "global_batch": bs * world}
+            extra.update(sum_w=total_w.cpu(), count=total_c.cpu())
             save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model, optimizer, scheduler, extra=extra)
         _WORLD.barrier()
 

@@ -425,6 +425,10 @@ def test_torchrun_two_processes_equal_one_process_with_the_global_batch(env, tmp
     proc = _torchrun("finetune", [*args(part, 2), "--save-every", "1", "--stop-after", "2"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not (part / "adapter").exists() and (part / "checkpoint.pt").is_file()
+    # resuming with another global batch would not continue the data order: refused, nothing written
+    assert train_cli.main("finetune", [*args(part, 2), "--resume"]) == 2
+    assert "samples per step" in capsys.readouterr().err
+    assert not (part / "adapter").exists()
     assert train_cli.main("finetune", [*args(part, 4), "--resume"]) == 0
     c = _adapter_state(part)
     for k in a:
