@@ -30,7 +30,7 @@ Pipeline on a real model (a local directory or a hub id; ``HF_HUB_OFFLINE=1`` is
   that global batch, so the update equals one process with ``--batch-size N x batch_size``. Only rank 0 writes
   (metrics, checkpoints, adapter, suppression report); per-sample weights are summed over ranks first. The
   metrics' weight statistics are rank 0's slice. A checkpoint resumes with another number of processes when
-  ``N x batch_size`` stays the same. ``evaluate`` runs in one process.
+  ``N x batch_size`` stays the same (otherwise ``--resume`` is refused). ``evaluate`` runs in one process.
 * **Bad input** (malformed JSON, a missing field, an empty dataset, a ratio outside [0, 1], an unknown model,
   a bad option) is reported as ``antibody-fast <command>: error: ...`` with exit status 2, naming the file,
   line and field, before anything is written.
