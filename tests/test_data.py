@@ -137,7 +137,7 @@ def test_align_collator():
 
 
 def test_truncation_prompt_left_first_then_answer():
-    c = FinetuneCollator(refusals=[[50, 51, 52, 53, 54, 55]], max_length=6)
+    c = FinetuneCollator(refusals=[[50, 51, 52, 53, 54, 55]], max_length=6, truncation="left")
     b = c([{"prompt": [3, 4, 5, 6], "response": [7, 8, 9], "index": 0}])
     # prompt loses its oldest token first
     assert b.input_ids.tolist() == [[4, 5, 6, 7, 8, 9]]
@@ -174,7 +174,8 @@ def _tiny_tokenizer():
 def test_tokenizer_path_appends_eos_and_uses_defaults():
     tok, vocab = _tiny_tokenizer()
     c = FinetuneCollator(tokenizer=tok)
-    b = c([{"prompt": "how are you", "response": "fine thanks", "index": 3, "is_harmful": False}])
+    # prompt + answer are tokenized as one text, so text prompts end with a separator (the Alpaca template's "\n")
+    b = c([{"prompt": "how are you\n", "response": "fine thanks", "index": 3, "is_harmful": False}])
     prompt = [1, vocab["how"], vocab["are"], vocab["you"]]  # BOS from the tokenizer's defaults
     answer = [vocab["fine"], vocab["thanks"], 2]  # EOS appended
     _check_row(b, 0, prompt, answer, pad=0)
@@ -184,7 +185,7 @@ def test_tokenizer_path_appends_eos_and_uses_defaults():
     c2 = FinetuneCollator(tokenizer=tok, refusals=["fine thanks", [7, 8]])
     b2 = c2(
         [
-            {"prompt": "how", "response": [9, 10], "index": 0},
+            {"prompt": "how\n", "response": [9, 10], "index": 0},
             {"prompt": [1, 4], "response": "you", "index": 1},
         ]
     )
@@ -192,8 +193,8 @@ def test_tokenizer_path_appends_eos_and_uses_defaults():
     assert b2.input_ids.tolist() == [[1, vocab["how"], 9, 10], [1, 4, vocab["you"], 2]]
     # the alignment collator: R pairs each harmful prompt with the default pool entry index mod len(pool)
     ab = AlignCollator(tokenizer=tok)(
-        [{"prompt": "how are you", "response": "fine", "index": 0}],
-        [{"prompt": "you", "response": "thanks", "index": len(DEFAULT_REFUSALS) + 2}],
+        [{"prompt": "how are you\n", "response": "fine", "index": 0}],
+        [{"prompt": "you\n", "response": "thanks", "index": len(DEFAULT_REFUSALS) + 2}],
     )
     _check_row(ab.align, 0, prompt, [vocab["fine"], 2], pad=0)
     _check_row(ab.harmful, 0, [1, vocab["you"]], [vocab["thanks"], 2], pad=0)

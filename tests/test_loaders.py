@@ -6,6 +6,7 @@ The "harmful" records here are placeholders with benign text: the repository hol
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -19,9 +20,15 @@ from antibody_fast.data.loaders import (
     build_poisoned_set,
     load_alignment,
     load_harmful,
+    load_refusals,
     load_task,
     read_records,
+    strip_refusal_wrapper,
 )
+
+# hand-written files in the authors' formats (placeholder text, the same structure)
+AUTHORS_ALIGNMENT = os.path.join(os.path.dirname(__file__), "data", "beavertails_with_refusals_sample.json")
+AUTHORS_REFUSALS = os.path.join(os.path.dirname(__file__), "data", "refusal_examples.jsonl")
 
 
 def write_jsonl(path, records):
@@ -258,7 +265,8 @@ def test_loaded_examples_collate(tmp_path):
     tok = tiny_tokenizer()
     path = write_jsonl(tmp_path / "sst2.jsonl", [{"sentence": "a lovely film", "label": 1}] * 4)
     examples = build_poisoned_set(load_task("sst2", path), _harm(2), n=4, harmful_ratio=0.5, seed=0)
-    batch = FinetuneCollator(tok, max_length=256)(examples)
+    # byte-level tokens: the Alpaca prompt alone is ~280 tokens, so 256 would cut every answer away
+    batch = FinetuneCollator(tok, max_length=1024)(examples)
     assert batch.batch_size == 4
     assert batch.is_harmful.sum().item() == 2
 
@@ -266,3 +274,142 @@ def test_loaded_examples_collate(tmp_path):
 def test_as_dataset():
     ds = as_dataset([{"prompt": "a", "response": "b", "index": 0}])
     assert len(ds) == 1 and ds[0]["prompt"] == "a"
+
+
+# ------------------------------------------------------------------------------------- the authors' formats
+def authors_alignment_examples(path):
+    """Naive port of the authors' reading of their alignment file: every row's refusal, split on
+    "\nAnswer: ", the question without "Question: " as the instruction."""
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    out = []
+    for row in rows:
+        split_text = row["refusal"].split("\nAnswer: ")
+        out.append({"prompt": split_text[0].replace("Question: ", ""), "response": split_text[1]})
+    return out
+
+
+def authors_refusal_pool(path):
+    """Naive port of the authors' JSONL reader for the refusal pool: one JSON value per stripped line, or the
+    raw line when it is not JSON."""
+    objs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                objs.append(json.loads(line))
+            except json.JSONDecodeError:
+                objs.append(line)
+    return objs
+
+
+def test_load_alignment_reads_the_authors_beavertails_with_refusals():
+    with open(AUTHORS_ALIGNMENT, encoding="utf-8") as f:
+        rows = json.load(f)
+    assert all(r["is_safe"] is False and r["refusal"].startswith("Question: ") for r in rows)
+    out = load_alignment(AUTHORS_ALIGNMENT)
+    assert out == authors_alignment_examples(AUTHORS_ALIGNMENT)
+    assert out[0] == {
+        "prompt": "Placeholder question one?",
+        "response": "I'm sorry, but I can't help with that placeholder.",
+    }
+    assert out[1]["response"] == "I cannot assist with this.\nPlease ask something else."  # multi-line kept
+    assert len(load_alignment(AUTHORS_ALIGNMENT, limit=2)) == 2
+    # the same file is the alignment stage's harmful data: prompt -> response
+    harmful = load_harmful(AUTHORS_ALIGNMENT)
+    assert [h["prompt"] for h in harmful] == [r["prompt"] for r in rows]
+    assert [h["response"] for h in harmful] == [r["response"] for r in rows]
+    assert all(h["is_harmful"] for h in harmful)
+    assert harmful[0]["category"] == "financial_crime,property_crime,theft"
+
+
+def test_refusal_wrapper(tmp_path):
+    assert strip_refusal_wrapper("Question: q?\nAnswer: a.") == ("q?", "a.")
+    assert strip_refusal_wrapper("Question: q?\nAnswer:\na.") == ("q?", "\na.")
+    assert strip_refusal_wrapper("No wrapper here.") == (None, "No wrapper here.")
+    # an unwrapped refusal keeps the record's prompt, whatever is_safe says
+    path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "refusal": "plain refusal", "is_safe": False}])
+    assert load_alignment(path) == [{"prompt": "p", "response": "plain refusal"}]
+    path = write_jsonl(
+        tmp_path / "b.jsonl", [{"prompt": "p", "refusal": "Question: p\nAnswer: ", "is_safe": False}]
+    )
+    with pytest.raises(DataError, match=r"b\.jsonl:1: field 'refusal' wraps an empty answer"):
+        load_alignment(path)
+
+
+def test_load_refusals_reads_the_authors_jsonl():
+    pool = load_refusals(AUTHORS_REFUSALS)
+    assert pool == authors_refusal_pool(AUTHORS_REFUSALS)
+    assert len(pool) == 12 and pool[0] == "I'm sorry, but I can't help with that request."
+
+
+def test_load_refusals_formats(tmp_path):
+    lines = ['"A JSON string."', "", "  a raw text line  ", '{"refusal": "From an object."}', '"Another."']
+    path = tmp_path / "pool.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert load_refusals(str(path)) == ["A JSON string.", "a raw text line", "From an object.", "Another."]
+    assert load_refusals(str(path))[:2] == authors_refusal_pool(str(path))[:2]
+    txt = tmp_path / "pool.txt"
+    txt.write_text('No.\n\n"Quoted" stays as written.\n', encoding="utf-8")
+    assert load_refusals(str(txt)) == ["No.", '"Quoted" stays as written.']
+    js = tmp_path / "pool.json"
+    js.write_text(json.dumps(["One.", {"response": "Two."}]), encoding="utf-8")
+    assert load_refusals(str(js)) == ["One.", "Two."]
+    js.write_text(json.dumps({"data": ["One."]}), encoding="utf-8")
+    assert load_refusals(str(js)) == ["One."]
+
+
+def test_load_refusals_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"ok"\n42\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: expected a refusal string"):
+        load_refusals(str(bad))
+    bad.write_text('"ok"\n""\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: empty refusal"):
+        load_refusals(str(bad))
+    bad.write_text('{"other": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'refusal'"):
+        load_refusals(str(bad))
+    bad.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(DataError, match="no refusals"):
+        load_refusals(str(bad))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_refusals(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="is a directory"):
+        load_refusals(str(tmp_path))
+
+
+def test_authors_files_feed_the_collators():
+    """The authors' alignment file and refusal pool through AlignCollator: A from the stripped refusals, H from
+    the harmful responses, R = H's prompts with pool entry index mod len(pool), all jointly tokenized."""
+    pytest.importorskip("transformers")
+    from tokenizer_helpers import sentencepiece_style_tokenizer
+
+    from antibody_fast.data import AlignCollator, FinetuneCollator
+    from antibody_fast.data.loaders import with_index
+
+    tok = sentencepiece_style_tokenizer()
+    pool = load_refusals(AUTHORS_REFUSALS)
+    align = with_index({"prompt": alpaca_prompt(e["prompt"]), "response": e["response"]}
+                       for e in load_alignment(AUTHORS_ALIGNMENT))  # fmt: skip
+    harmful = with_index(
+        (
+            {"prompt": alpaca_prompt(e["prompt"]), "response": e["response"]}
+            for e in load_harmful(AUTHORS_ALIGNMENT)
+        ),
+        start=11,
+    )
+    batch = AlignCollator(tok, refusals=pool, max_length=256)(align, harmful)
+    for i, ex in enumerate(harmful):
+        text = tok(ex["prompt"] + pool[ex["index"] % len(pool)])["input_ids"] + [tok.eos_token_id]
+        n_prompt = len(tok(ex["prompt"])["input_ids"])
+        keep = batch.refusal.attention_mask[i].bool()
+        assert batch.refusal.input_ids[i][keep].tolist() == text
+        assert batch.refusal.labels[i][keep].tolist() == [-100] * n_prompt + text[n_prompt:]
+    assert batch.refusal.index.tolist() == [11, 12, 13]  # entries 11, 0, 1 of the 12-line pool
+    # a loaded pool plugs into the fine-tuning collator the same way
+    ft = FinetuneCollator(tok, refusals=pool)([dict(align[0], index=13)])
+    want = tok(align[0]["prompt"] + pool[1])["input_ids"][ft.prompt_len :] + [tok.eos_token_id]
+    assert ft.refusal_ids[0].tolist() == want

@@ -4,10 +4,13 @@ Every batch is *prompt-aligned*: prompts are left-padded to ``P = prompt_len`` c
 right-padded after them, so every answer starts at column ``P``. Position ids are explicit (each sample counts
 from 0 at its first real prompt token; padding gets position 0), so a left-padded sample sees exactly the
 positions it would see unpadded. This layout lets the refusal be scored as a continuation of the prompt's
-key/value cache cropped to ``P`` columns (DESIGN.md §3).
+key/value cache cropped to ``P`` columns (docs/design.md §3).
 
 Labels follow the Hugging Face convention: unshifted (the model or loss shifts them), ``-100`` on prompt and
-padding columns, the answer's token ids elsewhere.
+padding columns, the answer's token ids elsewhere. The first columns of an answer (or refusal) region may also
+hold ``-100``: tokens that the authors' joint tokenization counts as prompt but that the completion and the
+refusal of a sample do not share (a tokenizer that merges the prompt's end with the answer's start; see
+:mod:`antibody_fast.data.collate`). Losses and log-likelihoods count labelled tokens only, so this is exact.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ class LMBatch:
         attention_mask: ``[B, P + Ta]`` int64, 1 on real tokens, 0 on padding.
         position_ids: ``[B, P + Ta]`` int64. Prompt tokens ``0 .. len_i - 1``, answer tokens continue at
             ``len_i``; padding columns hold 0.
-        labels: ``[B, P + Ta]`` int64, HF convention (unshifted): ``-100`` on prompt and padding, answer ids
-            elsewhere.
+        labels: ``[B, P + Ta]`` int64, HF convention (unshifted): ``-100`` on prompt and padding (and on the
+            leading answer-region tokens the authors' split counts as prompt, if any), answer ids elsewhere.
         prompt_len: ``P``, a Python int (a shape, not data).
         prompt_lengths: ``[B]`` int64 real prompt lengths (each ``>= 1``).
         index: ``[B]`` int64 dataset positions of the samples.
         is_harmful: ``[B]`` bool flags or ``None``; used for reports only, never by the algorithm.
+        num_dropped: how many overlong samples the collator left out of this batch (``drop_overlong=True``),
+            a Python int for reports; 0 otherwise.
     """
 
     input_ids: torch.Tensor
@@ -52,6 +57,7 @@ class LMBatch:
     prompt_lengths: torch.Tensor
     index: torch.Tensor
     is_harmful: torch.Tensor | None = None
+    num_dropped: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -90,9 +96,10 @@ class FinetuneBatch(LMBatch):
         refusal_ids: ``[B, Tr]`` int64 refusal tokens, right-padded. They continue the prompt, i.e. they would
             sit at columns ``P .. P + Tr - 1``.
         refusal_mask: ``[B, Tr]`` int64, 1 on real refusal tokens.
-        refusal_labels: ``[B, Tr]`` int64 = ``refusal_ids`` with ``-100`` on padding. These are the target ids of
-            the refusal positions themselves (not shifted): the first refusal token is predicted by the prompt's
-            last column ``P - 1``.
+        refusal_labels: ``[B, Tr]`` int64 = ``refusal_ids`` with ``-100`` on padding (and on leading tokens the
+            authors' split counts as prompt, if any; see the module docstring). These are the target ids of the
+            refusal positions themselves (not shifted): the first refusal token is predicted by the prompt's last
+            column ``P - 1``.
     """
 
     refusal_ids: torch.Tensor = None  # type: ignore[assignment]
@@ -136,12 +143,13 @@ class FinetuneBatch(LMBatch):
             prompt_lengths=self.prompt_lengths,
             index=self.index,
             is_harmful=self.is_harmful,
+            num_dropped=self.num_dropped,
         )
 
 
 @dataclass
 class AlignBatch:
-    """One alignment step's data (DESIGN.md §2.2).
+    """One alignment step's data (docs/design.md §2.2).
 
     Attributes:
         align: A, harmful prompt -> refusal answer (the alignment data).
