@@ -174,7 +174,7 @@ def _tiny_tokenizer():
 def test_tokenizer_path_appends_eos_and_uses_defaults():
     tok, vocab = _tiny_tokenizer()
     c = FinetuneCollator(tokenizer=tok)
-    # prompt + answer are tokenized as one text, so text prompts end with a separator (the Alpaca template's "\n")
+    # prompt + answer are tokenized as one text: prompts end with a separator (the Alpaca template's "\n")
     b = c([{"prompt": "how are you\n", "response": "fine thanks", "index": 3, "is_harmful": False}])
     prompt = [1, vocab["how"], vocab["are"], vocab["you"]]  # BOS from the tokenizer's defaults
     answer = [vocab["fine"], vocab["thanks"], 2]  # EOS appended

@@ -382,8 +382,8 @@ def test_load_refusals_errors(tmp_path):
 
 
 def test_authors_files_feed_the_collators():
-    """The authors' alignment file and refusal pool through AlignCollator: A from the stripped refusals, H from
-    the harmful responses, R = H's prompts with pool entry index mod len(pool), all jointly tokenized."""
+    """The authors' alignment file and refusal pool through AlignCollator: A from the stripped refusals, H
+    from the harmful responses, R = H's prompts with pool entry index mod len(pool), all jointly tokenized."""
     pytest.importorskip("transformers")
     from tokenizer_helpers import sentencepiece_style_tokenizer
 

@@ -1,8 +1,8 @@
-"""Joint tokenization of text samples against the authors' rule, truncation, overlong samples and bounded reading.
+"""Joint tokenization of text samples against the authors' rule; truncation, overlong samples, bounded reading.
 
 The oracle is a naive port of the authors' preprocessing: tokenize ``prompt + answer + eos_token`` as one text
-and ``prompt`` alone, both truncated on the right at ``max_length``; the first ``len(tokenize(prompt))`` labels
-are -100 (they count the tokens that differ from the pad id). The tokenizer is SentencePiece-style with a
+and ``prompt`` alone, both truncated on the right at ``max_length``; the first ``len(tokenize(prompt))``
+labels are -100 (they count the tokens that differ from the pad id). The tokenizer is SentencePiece-style with a
 prefix space, built offline (tests/tokenizer_helpers.py).
 """
 
@@ -308,8 +308,8 @@ def authors_mean_logprob(model, ids: list[int], labels: list[int]) -> torch.Tens
 
 @pytest.mark.parametrize("scoring", ["prefix_cache", "full"])
 def test_steps_score_the_authors_sequences(tok, scoring):
-    """weighted_step's completion and refusal log-likelihoods on joint-tokenized text equal the authors' views,
-    including the trailing-space prompt whose answer and refusal regions start with a masked token."""
+    """weighted_step's completion and refusal log-likelihoods on joint-tokenized text equal the authors'
+    views, including the trailing-space prompt whose answer and refusal regions start with a masked token."""
     from helpers import tiny_model
 
     from antibody_fast.steps import FinetuneConfig, weighted_step

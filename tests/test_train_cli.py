@@ -27,7 +27,7 @@ from antibody_fast.evaluate import (  # noqa: E402
     is_correct,
 )
 
-COMMON = ["--max-length", "80", "--lora-r", "2", "--no-progress"]
+COMMON = ["--max-length", "320", "--lora-r", "2", "--no-progress"]
 
 
 def _jsonl(path, records):

@@ -96,10 +96,10 @@ class FinetuneBatch(LMBatch):
         refusal_ids: ``[B, Tr]`` int64 refusal tokens, right-padded. They continue the prompt, i.e. they would
             sit at columns ``P .. P + Tr - 1``.
         refusal_mask: ``[B, Tr]`` int64, 1 on real refusal tokens.
-        refusal_labels: ``[B, Tr]`` int64 = ``refusal_ids`` with ``-100`` on padding (and on leading tokens the
-            authors' split counts as prompt, if any; see the module docstring). These are the target ids of the
-            refusal positions themselves (not shifted): the first refusal token is predicted by the prompt's last
-            column ``P - 1``.
+        refusal_labels: ``[B, Tr]`` int64 = ``refusal_ids`` with ``-100`` on padding (and on leading tokens
+            the authors' split counts as prompt, if any; see the module docstring). These are the target ids
+            of the refusal positions themselves (not shifted): the first refusal token is predicted by the
+            prompt's last column ``P - 1``.
     """
 
     refusal_ids: torch.Tensor = None  # type: ignore[assignment]

@@ -5,13 +5,14 @@ Examples are mappings ``{"prompt": str | list[int], "response": str | list[int],
 
 **Tokenization** follows the authors' recipe (docs/design.md §2.4):
 
-* A text prompt with a text answer is tokenized as ONE text, ``tokenize(prompt + answer)`` with the tokenizer's
-  defaults (BOS included), and EOS is appended. Its first ``len(tokenize(prompt))`` tokens count as the prompt
-  (labels ``-100``); the rest is the answer. This differs from tokenizing the answer on its own at the
-  boundary: a SentencePiece tokenizer with a prefix space (Llama-2) tokenizes ``"...### Response:\\nI can't"``
-  as ``[..., '<0x0A>', 'I', '▁can', ...]`` jointly, but ``"I can't"`` alone as ``['▁I', '▁can', ...]``.
-  Appending the EOS id equals tokenizing ``prompt + answer + eos_token`` as the authors do, for every tokenizer
-  that parses its own EOS token in text (all Hugging Face tokenizers by default).
+* A text prompt with a text answer is tokenized as ONE text, ``tokenize(prompt + answer)`` with the
+  tokenizer's defaults (BOS included), and EOS is appended. Its first ``len(tokenize(prompt))`` tokens count
+  as the prompt (labels ``-100``); the rest is the answer. This differs from tokenizing the answer on its own
+  at the boundary: a SentencePiece-style tokenizer with a prefix space tokenizes
+  ``"...### Response:\\nI can't"`` jointly as ``[..., '\\n', 'I', '▁can', ...]`` (Llama-2: ``'<0x0A>', 'I'``),
+  but ``"I can't"`` alone as ``['▁I', '▁can', ...]``. Appending the EOS id equals tokenizing
+  ``prompt + answer + eos_token`` as the authors do, for every tokenizer that parses its own EOS token in text
+  (all Hugging Face tokenizers by default).
 * A text refusal (the pool) takes the same path on the sample's prompt: ``tokenize(prompt + refusal)`` + EOS,
   split at ``len(tokenize(prompt))``.
 * Token ids are used exactly as given: no BOS or EOS is added, and no tokenizer is needed. A text prompt with
@@ -25,11 +26,12 @@ tokens, because the refusal is scored as a continuation of the completion's prom
 ``< P``, docs/design.md §3). The authors split both views at ``n = len(tokenize(prompt))``. When the
 tokenizer merges the prompt's last characters with the answer's first ones (e.g. a prompt ending in a space),
 the two joint tokenizations can differ inside their first ``n`` tokens. The collator then puts only the
-longest common prefix ``s <= n`` of the two sequences in the prompt columns, and keeps the tokens ``s .. n - 1``
-of each view at the start of its answer (or refusal) region with label ``-100``. Both views are then exactly
-the authors' token sequences with the authors' labels, and they share their prompt columns. With the Alpaca
-template (prompts ending in ``"\\n"``) and the Llama, Qwen and Gemma tokenizers, ``s = n`` and no answer
-label is masked.
+longest common prefix ``s <= n`` of the two sequences in the prompt columns, and keeps the tokens
+``s .. n - 1`` of each view at the start of its answer (or refusal) region with label ``-100``. Both views are
+then exactly the authors' token sequences with the authors' labels, and they share their prompt columns. A
+prompt ending in ``"\\n"`` (the Alpaca template) gives ``s = n``, and no answer label is masked, with any
+tokenizer that never merges a newline with the following word (the SentencePiece-style test tokenizer is
+one).
 
 **Truncation** to ``max_length`` tokens:
 
@@ -42,15 +44,16 @@ label is masked.
 A sample whose answer (or refusal) keeps no labelled token after truncation is *overlong*: the collator raises
 a ``ValueError`` naming it, or, with ``drop_overlong=True``, leaves it out of the batch. Dropped samples are
 counted on the batch (``batch.num_dropped``) and on the collator (``collator.num_dropped``, and
-``collator.dropped_indices`` or ``dropped_align_indices`` / ``dropped_harmful_indices``). For training, filter the dataset once up front with
-:meth:`FinetuneCollator.split_overlong` / :meth:`AlignCollator.split_overlong` so every batch keeps its size.
+``collator.dropped_indices`` or ``dropped_align_indices`` / ``dropped_harmful_indices``). For training,
+filter the dataset once up front with :meth:`FinetuneCollator.split_overlong` /
+:meth:`AlignCollator.split_overlong`, so that every batch keeps its size.
 
-**Bounded reading.** Only the first (``"right"``; for ``"left"``, the prompt's last) ``max_chars`` characters of
-a text field are tokenized, cut at a whitespace, default ``max_chars = 16 * max_length``: a 5 MB record
-does not cost a 5 MB tokenization. When those characters hold fewer than ``max_length + 16`` tokens the
-window doubles and the field is tokenized again, so the first ``max_length`` tokens are the same as the whole
-text's whenever the tokenizer's tokens do not reach back more than 16 tokens across the cut (true of every
-tokenizer that splits text into words before tokenizing).
+**Bounded reading.** Only the first ``max_chars`` characters of a text field are tokenized (for
+``"left"``, the prompt's last ones), cut at a whitespace; default ``max_chars = 16 * max_length``, so a 5 MB
+record does not cost a 5 MB tokenization. When those characters hold fewer than ``max_length + 16`` tokens,
+the window doubles and the field is tokenized again. The kept tokens are then those of the whole text
+whenever the cut changes no token more than 16 tokens away from it (true of tokenizers whose tokens do not
+span the whitespace the cut is made at, i.e. that split text into words first).
 
 Sample ``i`` gets refusal pool entry ``index_i mod len(pool)``, fixed across epochs (the authors' rule).
 Tensors are built on the CPU; move a batch with ``batch.to(device)``.
@@ -112,7 +115,7 @@ def _cut_head(text: str, width: int) -> tuple[str, bool]:
 
 
 def _cut_tail(text: str, width: int) -> tuple[str, bool]:
-    """The last ``<= width`` characters of ``text``, starting after a whitespace when one is near the start."""
+    """The last ``<= width`` characters of ``text``, starting after a whitespace near the start if any."""
     if len(text) <= width:
         return text, False
     start = len(text) - width
@@ -354,8 +357,8 @@ class _Collator:
         split = n_prompt if seq_r is None else _common_prefix(seq, seq_r, n_prompt)
         if split == 0:
             raise ValueError(
-                f"{what}: the answer and the refusal share no prompt token (the tokenizer merges the prompt's "
-                "first token with the answer); the refusal cannot continue the prompt"
+                f"{what}: the answer and the refusal share no prompt token (the tokenizer merges the "
+                "prompt's first token with the answer); the refusal cannot continue the prompt"
             )
         prompt_part, answer_part = seq[:split], seq[split:]
         refusal_part = None if seq_r is None else seq_r[split:]
@@ -412,15 +415,15 @@ class _Collator:
 
     def _overlong_error(self, name: str, idx: int, enc: _Encoded) -> ValueError:
         return ValueError(
-            f"{name}: example index {idx}: truncation={self.truncation!r} to max_length={self.max_length} cuts "
-            f"its response{' or refusal' if enc.refusal is not None else ''} away entirely (prompt: "
+            f"{name}: example index {idx}: truncation={self.truncation!r} to max_length={self.max_length} "
+            f"cuts its response{' or refusal' if enc.refusal is not None else ''} away entirely (prompt: "
             f"{len(enc.prompt) + enc.skip} tokens); raise max_length, or pass drop_overlong=True to "
             "drop such samples (collator.split_overlong(examples) filters a dataset up front)"
         )
 
     def _read(self, examples: Any, name: str, with_refusal: bool, kind: str):
-        """Validate and encode examples -> (encoded samples, indices, flags or None, number dropped). Drops are
-        recorded under ``kind`` (the list the indices refer to)."""
+        """Validate and encode examples -> (encoded samples, indices, flags or None, number dropped). Drops
+        are recorded under ``kind`` (the list the indices refer to)."""
         self._checked(examples, name)
         encoded, indices, flags, dropped = [], [], [], []
         for pos, ex in enumerate(examples):
@@ -511,21 +514,21 @@ _ARGS_DOC = """
         tokenizer: an HF tokenizer, needed only for text fields and text refusal pools.
         refusals: the refusal pool: strings (e.g. :func:`antibody_fast.data.load_refusals`; tokenized jointly
             with each text prompt, EOS appended) or token-id lists (used as given). Default:
-            :data:`antibody_fast.data.DEFAULT_REFUSALS` (text, so it needs a tokenizer). Sample ``i`` gets entry
-            ``index_i mod len(pool)``.
+            :data:`antibody_fast.data.DEFAULT_REFUSALS` (text, so it needs a tokenizer). Sample ``i`` gets
+            entry ``index_i mod len(pool)``.
         max_length: maximum tokens of prompt + answer (and of prompt + refusal), >= 2. The authors use 256.
         pad_token_id: id written into padding columns (they are masked, so any valid id works). ``None`` takes
             the tokenizer's pad id, else 0.
         truncation: ``"right"`` (default, the authors' rule: the joined sequence is cut on the right) or
             ``"left"`` (the prompt loses its oldest tokens first); see the module docstring.
-        drop_overlong: leave out samples whose answer (or refusal) truncation cuts away entirely, counting them
-            in ``batch.num_dropped`` and on the collator, instead of raising ``ValueError``.
+        drop_overlong: leave out samples whose answer (or refusal) truncation cuts away entirely, counting
+            them in ``batch.num_dropped`` and on the collator, instead of raising ``ValueError``.
         max_chars: characters of a text field read before tokenizing (default ``16 * max_length``; the window
             doubles when it holds too few tokens); see the module docstring.
 
     Attributes:
-        num_dropped: samples dropped by ``drop_overlong`` over every call so far (a sample dropped in two epochs
-            counts twice; counts only calls in this process, not in DataLoader worker processes).
+        num_dropped: samples dropped by ``drop_overlong`` over every call so far (a sample dropped in two
+            epochs counts twice; counts only calls in this process, not in DataLoader worker processes).
 """
 
 
@@ -551,8 +554,8 @@ class FinetuneCollator(_Collator):
         return self._finetune_batch(examples, "FinetuneCollator", "examples")
 
     def split_overlong(self, examples: Sequence[Mapping[str, Any]]) -> OverlongSplit:
-        """Split a dataset into ``(kept, dropped)`` example lists: ``dropped`` are the overlong samples (answer or
-        refusal cut away entirely by truncation). Other bad data raises as in ``__call__``. Tokenizes every
+        """Split a dataset into ``(kept, dropped)`` example lists: ``dropped`` are the overlong samples
+        (answer or refusal cut away entirely by truncation). Other bad data raises as in ``__call__``. Tokenizes every
         example once; the collator's counters are not changed."""
         return self._split(examples, "FinetuneCollator", with_refusal=True)
 

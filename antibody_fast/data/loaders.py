@@ -12,11 +12,11 @@ lines ignored):
   (``is_safe`` false, or absent) and flags them ``is_harmful=True``.
 * **alignment** (harmful prompt -> refusal answer), :func:`load_alignment`: ``prompt`` and ``refusal`` (or
   ``response``). Two layouts are read:
-    - the authors' *BeaverTails with refusals* file: a JSON list of BeaverTails rows (``prompt``, ``response``,
-      ``category``, ``is_safe: false``) each with a ``refusal`` wrapped as ``"Question: <q>\nAnswer: <a>"``.
-      The wrapper is stripped: the prompt is ``<q>`` and the answer ``<a>``, as the authors' code does. The
-      same file is also the harmful data of the alignment stage (:func:`load_harmful` reads its ``prompt`` ->
-      ``response``);
+    - the authors' *BeaverTails with refusals* file: a JSON list of BeaverTails rows (``prompt``,
+      ``response``, ``category``, ``is_safe: false``), each with a ``refusal`` wrapped as
+      ``"Question: <q>\nAnswer: <a>"``. The wrapper is stripped: the prompt is ``<q>`` and the answer ``<a>``,
+      as the authors' code does. The same file is also the harmful data of the alignment stage
+      (:func:`load_harmful` reads its ``prompt`` -> ``response``);
     - plain rows ``{"prompt", "refusal"}`` or BeaverTails rows, where rows with ``is_safe: false`` and no
       ``refusal`` field are skipped (their response is harmful), so the safe rows are the alignment data.
 * **refusal pool**, :func:`load_refusals`: a JSONL file (the authors': 100 lines, one refusal each, as a JSON
@@ -313,9 +313,9 @@ def load_alignment(
       authors' *BeaverTails with refusals* file, where every row is ``is_safe: false`` and the refusal is
       wrapped as ``"Question: <q>\nAnswer: <a>"``. The wrapper is stripped (:func:`strip_refusal_wrapper`) and
       ``<q>`` is the prompt, as in the authors' code; an unwrapped refusal keeps the record's ``prompt``.
-    * A record without ``refusal`` gives its ``response``, unless it is marked ``is_safe: false`` (a BeaverTails
-      row whose response is harmful): those are skipped, so a BeaverTails file's safe rows are the alignment
-      data.
+    * A record without ``refusal`` gives its ``response``, unless it is marked ``is_safe: false`` (a
+      BeaverTails row whose response is harmful): those are skipped, so a BeaverTails file's safe rows are
+      the alignment data.
 
     Returns ``[{"prompt", "response": refusal}]`` (prompts without a template; ``limit`` keeps the first).
 
@@ -390,7 +390,8 @@ def load_refusals(source: str | os.PathLike) -> list[str]:
             parsed = next((parsed[k] for k in _LIST_KEYS if isinstance(parsed.get(k), list)), None)
             if parsed is None:
                 raise DataError(
-                    f"{path}: expected a JSON list of refusals (or an object with a list under one of {_LIST_KEYS})"
+                    f"{path}: expected a JSON list of refusals (or an object with a list under one of "
+                    f"{_LIST_KEYS})"
                 )
     if isinstance(parsed, list):
         items = [(f"{path} (record {k})", v) for k, v in enumerate(parsed)]

@@ -1,9 +1,9 @@
 """The refusal pool shipped with antibody_fast.
 
 Short refusal sentences written for this project. In the fine-tuning stage every sample ``i`` is paired with
-entry ``index_i mod len(pool)`` on its own prompt (docs/design.md §2.1); in the alignment stage the refusal view R
-of the harmful batch uses the same rule. The pool is a tuple so it cannot be mutated by accident. The authors' pool (a JSONL file of 100 refusals) is read with
-:func:`antibody_fast.data.load_refusals`.
+entry ``index_i mod len(pool)`` on its own prompt (docs/design.md §2.1); in the alignment stage the refusal
+view R of the harmful batch uses the same rule. The pool is a tuple so it cannot be mutated by accident. The
+authors' pool (a JSONL file of 100 refusals) is read with :func:`antibody_fast.data.load_refusals`.
 """
 
 from __future__ import annotations
