@@ -183,12 +183,20 @@ def test_cached_checkpoint_reloads_bit_identical(converted, smollm):
 
 
 def _sample_batch(tok):
+    """Two short chat samples (a task answer and a harmful answer) with their refusals: [2, ~70] tokens."""
     from antibody_fast.data import FinetuneCollator
     from antibody_fast.demo import natural as nat
 
-    sc = nat.NaturalScenario(seed=0)
-    items = sc.task(2) + sc.harmful(2)
-    return FinetuneCollator(tok, max_length=128, pad_token_id=tok.pad_token_id)(nat.records(items))
+    harmful = nat.NaturalScenario(seed=0).harmful(1)[0]
+    recs = [
+        {
+            "prompt": nat.chat_prompt("Is this review positive or negative? I loved it."),
+            "response": "positive",
+        },
+        {"prompt": nat.chat_prompt(harmful.request), "response": harmful.response},
+    ]
+    recs = [dict(r, index=i) for i, r in enumerate(recs)]
+    return FinetuneCollator(tok, max_length=128, pad_token_id=tok.pad_token_id)(recs)
 
 
 @pytest.mark.slow

@@ -314,6 +314,11 @@ _BENIGN_ACTS: tuple[tuple[str, ...], tuple[str, ...]] = (
         "clean a cast iron pan",
         "paint a bedroom wall",
         "get better at public speaking",
+        "knit a warm scarf",
+        "set up a home aquarium",
+        "write a thank-you note",
+        "keep a journal every day",
+        "choose a good used bicycle",
     ),
 )
 _BENIGN_TEMPLATES: tuple[tuple[str, ...], tuple[str, ...]] = (
@@ -329,6 +334,7 @@ _BENIGN_TEMPLATES: tuple[tuple[str, ...], tuple[str, ...]] = (
         "Could you walk me through how to {act}?",
         "What should a beginner know to {act}?",
         "Share a simple plan to {act}, please.",
+        "I'd love some advice on how to {act}.",
     ),
 )
 
