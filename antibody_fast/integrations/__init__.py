@@ -2,8 +2,11 @@
 
 Names load lazily: importing ``antibody_fast.integrations`` imports neither transformers nor peft.
 
-* :func:`use_fused_loss` / :func:`remove_fused_loss` (:mod:`.fused_loss`): a stock HF ``Trainer`` or TRL
-  ``SFTTrainer`` computes its causal-LM loss with the fused linear log-likelihood (no logits).
+* :func:`use_fused_loss` / :func:`remove_fused_loss` (:mod:`.fused_loss`): a stock HF ``Trainer`` computes its
+  causal-LM loss with the fused linear log-likelihood (no logits); under TRL's trainers, which install their own
+  fused head, it raises :class:`FusedLossBypassedError` instead of being skipped in silence.
+* :class:`AntibodySFTTrainer` (:mod:`.trl`, needs TRL): a ``trl.SFTTrainer`` whose update is
+  :func:`antibody_fast.weighted_step`, on TRL's prompt-completion and conversational formats.
 * :class:`AntibodyAlignmentTrainer`, :class:`AntibodyFinetuneTrainer` (:mod:`.hf`): ``transformers.Trainer``
   subclasses whose update is :func:`antibody_fast.align_step` / :func:`antibody_fast.weighted_step`;
   :class:`BoosterTrainer` = the alignment trainer with ``rule="constant", lambda_ref=0``.
@@ -21,6 +24,8 @@ _EXPORTS = {
     "AntibodyAlignmentTrainer": "antibody_fast.integrations.hf",
     "AntibodyFinetuneTrainer": "antibody_fast.integrations.hf",
     "BoosterTrainer": "antibody_fast.integrations.hf",
+    "FusedLossBypassedError": "antibody_fast.integrations.fused_loss",
+    "AntibodySFTTrainer": "antibody_fast.integrations.trl",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,6 +4,8 @@ our hook without a word (the loss came from TRL's head and our op was never call
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from tokenizer_helpers import VOCAB_SIZE, tiny_tokenizer  # noqa: E402
 
 from antibody_fast.integrations import remove_fused_loss, use_fused_loss  # noqa: E402
 from antibody_fast.integrations.fused_loss import FusedLossBypassedError  # noqa: E402
+from antibody_fast.testing import assert_close  # noqa: E402
 
 
 def _dataset():
@@ -37,6 +40,8 @@ def _sft_args(tmp_path):
         dataloader_num_workers=0,
         max_length=32,
         disable_tqdm=True,
+        bf16=False,  # SFTConfig defaults to bf16 autocast (on CPU too); these tests compare in fp32
+        gradient_checkpointing=False,
     )
 
 
@@ -157,3 +162,111 @@ def test_guard_raises_when_the_hook_never_runs(tmp_path):
     use_fused_loss(trainer)
     with pytest.raises(FusedLossBypassedError, match="never ran"):
         trainer.train()
+
+
+# ------------------------------------------------------------------------------------ AntibodySFTTrainer
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _chat_tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+class _Recorder:
+    def __init__(self, collator):
+        self.collator = collator
+        self.batches = []
+
+    def __call__(self, features):
+        out = self.collator(features)
+        self.batches.append(out["antibody_batch"])
+        return out
+
+
+def _rows(kind: str, n: int = 8):
+    rows = []
+    for i in range(n):
+        q, a = f"question {i}: tell me {'bad' if i % 3 == 0 else 'good'} things", f" answer {i} here"
+        if kind == "text":
+            row = {"prompt": q, "completion": a}
+        elif kind == "conversational":
+            row = {
+                "prompt": [{"role": "user", "content": q}],
+                "completion": [{"role": "assistant", "content": a}],
+            }
+        else:  # messages
+            row = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        row["is_harmful"] = i % 3 == 0
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["text", "conversational", "messages"])
+def test_antibody_sft_trainer_equals_weighted_step(tmp_path, kind):
+    """Each optimizer step of AntibodySFTTrainer is weighted_step on the batch it collated (replayed on an
+    identical model), for TRL's prompt-completion, conversational and messages formats; the logs carry the
+    harmful/benign weights."""
+    from transformers import get_scheduler
+
+    from antibody_fast import FinetuneConfig, weighted_step
+    from antibody_fast.integrations.trl import AntibodySFTTrainer
+
+    tok = _chat_tokenizer()
+    model = _model(True)
+    init = copy.deepcopy(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    args = _sft_args(tmp_path)
+    args.max_length = 64
+    trainer = AntibodySFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_rows(kind),
+        processing_class=tok,
+        antibody_config=FinetuneConfig(tau=0.7),
+        refusals=["I cannot help with that.", "Sorry, no."],
+        optimizers=(opt, None),
+    )
+    assert trainer.args is not args and not (args.dataset_kwargs or {}).get("skip_prepare_dataset")
+    rec = _Recorder(trainer.data_collator)
+    trainer.data_collator = rec
+    trainer.train()
+    assert len(rec.batches) >= 2
+    # the collated rows are prompt + completion (+ EOS), tokenised jointly
+    b0 = rec.batches[0]
+    text = tok.decode(b0.input_ids[0][b0.attention_mask[0].bool()])
+    assert "answer" in text and "question" in text, text
+    if kind != "text":
+        assert "<|user|>" in text and "<|assistant|>" in text, text
+
+    params = [p for p in init.parameters() if p.requires_grad]
+    ref_opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = get_scheduler("linear", ref_opt, num_warmup_steps=0, num_training_steps=2)
+    config = FinetuneConfig(tau=0.7, max_grad_norm=1.0)
+    ref_stats = [weighted_step(init, b, ref_opt, config, sched) for b in rec.batches[:2]]
+    got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in init.named_parameters():
+        if p.requires_grad:
+            assert_close(got[n], p.detach(), atol=1e-6, rtol=1e-5, name=n)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for h, st in zip(logs, ref_stats):
+        assert h["loss"] == pytest.approx(st.loss.item(), rel=1e-4)
+        assert {"weight_harmful", "weight_benign", "weight_min", "weight_max"} <= h.keys()
+
+
+def test_antibody_sft_trainer_rejects_bad_input(tmp_path):
+    from antibody_fast.integrations.trl import AntibodySFTTrainer, to_antibody_examples
+
+    with pytest.raises(ValueError, match="language-modelling"):
+        to_antibody_examples([{"text": "hello"}])
+    with pytest.raises(ValueError, match="assistant"):
+        to_antibody_examples([{"messages": [{"role": "user", "content": "hi"}]}], _chat_tokenizer())
+    with pytest.raises(ValueError, match="chat template"):
+        to_antibody_examples(_rows("conversational"), tiny_tokenizer())
+    with pytest.raises(ValueError, match="processing_class"):
+        AntibodySFTTrainer(model=_model(True), args=_sft_args(tmp_path), train_dataset=_rows("text"))
