@@ -20,6 +20,9 @@ Providers:
 * ``torch-compile-chunked``: ``torch.compile`` of the chunked pure-torch version;
 * ``liger``: Liger-Kernel's fused linear cross-entropy (``reduction="none"``), CUDA only, when installed;
 * ``cce``: cut-cross-entropy's ``linear_cross_entropy`` (``reduction="none"``), CUDA only, when installed;
+* ``trl-chunked``: TRL's fused LM head kernel (``trl.kernels.ChunkedLogProbFunction``, what ``SFTTrainer``
+  computes its loss with since TRL 1.0: cuBLAS tiles folded by Triton on GPU, by torch ops elsewhere) on the
+  scored rows, log-probs only, TRL's own chunk size; when TRL is installed;
 * ``floor``: the unavoidable matmuls on the scored rows alone: ``fwd`` = ``h_s @ W.T``; ``bwd`` =
   ``(p - onehot) @ W``; ``full`` = both.
 
@@ -39,7 +42,16 @@ from antibody_fast.dispatch import resolve_impl
 
 slp = importlib.import_module("antibody_fast.ops.sequence_logprob")
 
-PROVIDERS = ["ours", "ours-recompute", "torch-reference", "torch-compile-chunked", "liger", "cce", "floor"]
+PROVIDERS = [
+    "ours",
+    "ours-recompute",
+    "torch-reference",
+    "torch-compile-chunked",
+    "trl-chunked",
+    "liger",
+    "cce",
+    "floor",
+]
 MODES = ["fwd", "bwd", "full"]
 
 
@@ -104,6 +116,23 @@ def _provider_fn(provider: str, w: Workload, device: str):
                 h.view(w.B, w.T, w.H), w.weight, w.labels.view(w.B, w.T), shift=False, chunk_rows=1024
             ).logprob
         )
+    if provider == "trl-chunked":
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+        except ImportError:
+            pytest.skip("trl-chunked: TRL is not installed (optional provider)")
+        keep = w.labels != -100
+        targets, seq_ids = w.labels[keep], w.seq_ids[keep]
+
+        def fn(h):
+            # as TRL's fused head: compact the scored rows, per-token log-probs, then our per-sequence sum
+            logp = ChunkedLogProbFunction.apply(
+                h[keep], w.weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ()
+            )[0]
+            return torch.zeros(w.B, dtype=torch.float32, device=h.device).index_add(0, seq_ids, logp.float())
+
+        return fn
     if provider == "liger":
         if device != "cuda":
             pytest.skip("liger: Liger-Kernel runs on CUDA only")
