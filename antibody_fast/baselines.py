@@ -30,7 +30,8 @@ from torch import nn
 
 from .data.batch import IGNORE_INDEX, LMBatch
 from .reference import hf_loss
-from .steps import _finish, _parts, _token_mean_loss, flat_parameters
+from .distributed import all_reduce_sum, is_distributed
+from .steps import _finish, _global_loss_value, _parts, _reduce_grads, _token_mean_loss, flat_parameters
 
 __all__ = [
     "BaselineStats",
@@ -188,6 +189,8 @@ def vaccine_step(
     grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
     outputs.clear()  # the pass-1 graph can go
     gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    if is_distributed():  # ||g||_global over the global batch: every rank holds its samples' rows
+        gnorm = all_reduce_sum(gnorm.square()).sqrt()
     scale = rho / (gnorm + 1e-7)
     perturb = [(g * scale.to(g.dtype)).detach() for g in grads]
     del grads
@@ -207,11 +210,12 @@ def vaccine_step(
             h.remove()
     loss.backward()
     flat.ensure_grad_views()  # no-op unless something replaced .grad (e.g. optimizer.zero_grad())
+    _reduce_grads(flat, None)  # under torchrun: the global batch's gradient (no-op in one process)
     norm = _finish(flat, optimizer, scheduler, max_grad_norm or None, impl)  # 0 or None: no clip
     return BaselineStats(
-        loss=loss.detach(),
+        loss=_global_loss_value(loss, None),
         grad_norm=norm,
-        extra={"clean_loss": clean_loss.detach(), "perturbation_grad_norm": gnorm.detach()},
+        extra={"clean_loss": _global_loss_value(clean_loss, None), "perturbation_grad_norm": gnorm.detach()},
     )
 
 
