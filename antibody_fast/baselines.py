@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from .data.batch import IGNORE_INDEX, LMBatch
-from .reference import hf_loss
 from .distributed import all_reduce_sum, is_distributed
+from .reference import hf_loss
 from .steps import _finish, _global_loss_value, _parts, _reduce_grads, _token_mean_loss, flat_parameters
 
 __all__ = [

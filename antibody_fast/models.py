@@ -275,7 +275,9 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = True) -> torch.
 
     path = _check_adapter_dir(path)
     if isinstance(model, PeftModel):
-        raise ValueError("load_adapter: the model already holds a PEFT adapter; merge it first (merge_adapter)")
+        raise ValueError(
+            "load_adapter: the model already holds a PEFT adapter; merge it first (merge_adapter)"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)

@@ -130,7 +130,9 @@ TRAIN = [
         "and --config override it)",
         choices=tuple(RECIPES),
     ),
-    Opt("dry_run", bool, False, "print the resolved configuration (JSON) and exit; loads no model", flag=True),
+    Opt(
+        "dry_run", bool, False, "print the resolved configuration (JSON) and exit; loads no model", flag=True
+    ),
     Opt("steps", int, 100, "optimizer steps (replaced by --epochs when that is given)"),
     Opt("epochs", int, None, "run epochs x ceil(N / global batch) steps, N = training samples kept"),
     Opt("lr", _float, 1e-4, "learning rate (AdamW)"),
@@ -236,7 +238,12 @@ FINETUNE = [
         "how refusals are scored (antibody)",
         choices=("prefix_cache", "full"),
     ),
-    Opt("align_data", str, None, "alignment data (prompt + refusal) of Lisa's alignment state (lisa: required)"),
+    Opt(
+        "align_data",
+        str,
+        None,
+        "alignment data (prompt + refusal) of Lisa's alignment state (lisa: required)",
+    ),
     Opt("num_align", int, None, "use only the first N alignment records (lisa)"),
     Opt("lisa_align_steps", int, 100, "Lisa's K_a: steps of each alignment state"),
     Opt("lisa_finetune_steps", int, 900, "Lisa's K_f: steps of each fine-tuning state"),
@@ -483,7 +490,9 @@ def _resolve_method(command: str, opts: dict, sources: dict) -> None:
     if rule is not None and _given(sources, "rule") and opts["rule"] != rule:
         raise CLIError(f"--method {method} uses --rule {rule}, got --rule {opts['rule']}")
     if method == "booster" and _given(sources, "lambda_ref") and opts["lambda_ref"] != 0:
-        raise CLIError(f"--method booster has no refusal term (lambda_ref 0), got --lambda-ref {opts['lambda_ref']}")
+        raise CLIError(
+            f"--method booster has no refusal term (lambda_ref 0), got --lambda-ref {opts['lambda_ref']}"
+        )
     if rule is not None:
         opts["rule"] = rule
     elif opts["rule"] is None:
@@ -766,13 +775,36 @@ def _adapter_mode(opts: dict, sources: dict) -> tuple[str | None, str]:
             else "the adapter records no alignment method"
         ) + f": {mode} (the authors' pipeline)"
     if mode == "continue":
-        for name in ("lora_r", "lora_alpha", "lora_targets"):
-            if _given(sources, name):
-                raise CLIError(
-                    f"--{name.replace('_', '-')} sets a fresh adapter, but --adapter-mode continue trains the "
-                    "given adapter with its own rank, alpha and targets; drop it or pass --adapter-mode merge"
-                )
+        _check_continued_lora(opts, sources, opts["adapter"][-1])
     return mode, why
+
+
+def _check_continued_lora(opts: dict, sources: dict, path: str) -> None:
+    """``continue`` trains the adapter with its own rank, alpha and targets: an explicit ``--lora-r``,
+    ``--lora-alpha`` or ``--lora-targets`` that contradicts its ``adapter_config.json`` is an error."""
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return  # reported when the adapter is checked / loaded
+    r = saved.get("r")
+    have = {
+        "lora_r": r,
+        "lora_alpha": saved.get("lora_alpha"),
+        "lora_targets": sorted(saved.get("target_modules") or []),
+    }
+    want = {
+        "lora_r": opts["lora_r"],
+        "lora_alpha": opts["lora_alpha"] if opts["lora_alpha"] is not None else 2 * opts["lora_r"],
+        "lora_targets": sorted(opts["lora_targets"]),
+    }
+    for name in ("lora_r", "lora_alpha", "lora_targets"):
+        if _given(sources, name) and have[name] is not None and want[name] != have[name]:
+            raise CLIError(
+                f"--{name.replace('_', '-')} {_show(want[name])} differs from the adapter's {_show(have[name])} "
+                f"({path}): --adapter-mode continue trains that adapter as it is; drop the option or pass "
+                "--adapter-mode merge"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -1084,7 +1116,12 @@ def _train_loop(
             _say(f"{command}: stopped after step {end}/{total}; resume with --resume")
         return False
     if main:
-        meta = {"command": command, "method": opts["method"], "recipe": opts["recipe"], "base_model": opts["model"]}
+        meta = {
+            "command": command,
+            "method": opts["method"],
+            "recipe": opts["recipe"],
+            "base_model": opts["model"],
+        }
         if "adapter_mode" in run_info:
             meta["adapter_mode"] = run_info["adapter_mode"]
         _save_adapter(model, out_dir, meta)
@@ -1149,7 +1186,9 @@ def _amp_for(opts: dict, device, method: str):
     and an explicit ``--amp bf16|fp16`` is an error."""
     if method in ("vaccine", "lisa"):
         if opts["amp"] in ("bf16", "fp16"):
-            raise CLIError(f"--amp {opts['amp']}: --method {method} runs without autocast (use --dtype instead)")
+            raise CLIError(
+                f"--amp {opts['amp']}: --method {method} runs without autocast (use --dtype instead)"
+            )
         return None
     return _amp(opts, device)
 
@@ -1186,7 +1225,9 @@ def _run_align(opts: dict, sources: dict) -> int:
             impl=opts["impl"],
         )
         config.check()
-    sft_config = FinetuneConfig(max_grad_norm=opts["max_grad_norm"] or None, amp_dtype=amp_dtype, impl=opts["impl"])
+    sft_config = FinetuneConfig(
+        max_grad_norm=opts["max_grad_norm"] or None, amp_dtype=amp_dtype, impl=opts["impl"]
+    )
     model, tokenizer = _load_model(opts, device, train=True)
     collator = AlignCollator(**_collator_args(opts, tokenizer, refusals))
     what = opts["align_data"] + (" / " + opts["harmful_data"] if two_sets else "")
@@ -1272,7 +1313,11 @@ def _run_align(opts: dict, sources: dict) -> int:
     if opts["drop_overlong"]:
         run_info["dropped_overlong"] = dropped
         if _WORLD.main:
-            _say("align: --drop-overlong left out " + ", ".join(f"{v} {k}" for k, v in dropped.items()) + " samples")
+            _say(
+                "align: --drop-overlong left out "
+                + ", ".join(f"{v} {k}" for k, v in dropped.items())
+                + " samples"
+            )
     finished = _train_loop(
         opts,
         "align",
@@ -1311,7 +1356,9 @@ def _checked_extra(extra, command: str, path: str, global_batch: int, method: st
         raise CLIError(f"--resume: {path!r} is not a checkpoint of `antibody-fast {command}`")
     saved_method = extra.get("method", "antibody" if command == "align" else method)
     if saved_method != method:
-        raise CLIError(f"--resume: {path!r} was written by --method {saved_method}, this run is --method {method}")
+        raise CLIError(
+            f"--resume: {path!r} was written by --method {saved_method}, this run is --method {method}"
+        )
     saved = extra.get("global_batch", global_batch)
     if saved != global_batch:
         raise CLIError(
@@ -1383,7 +1430,9 @@ def _run_finetune(opts: dict, sources: dict) -> int:
     _precheck(collator, [(kept[i : i + 64],) for i in range(0, len(kept), 64)], "user data")
     if lisa:
         _precheck(
-            align_collator.align_batch, [(align[i : i + 64],) for i in range(0, len(align), 64)], opts["align_data"]
+            align_collator.align_batch,
+            [(align[i : i + 64],) for i in range(0, len(align), 64)],
+            opts["align_data"],
         )
     n_all, n = len(examples), len(kept)  # the report covers every sample; training samples the kept ones
     bs, seed = min(opts["batch_size"], n), opts["seed"]
@@ -1435,7 +1484,9 @@ def _run_finetune(opts: dict, sources: dict) -> int:
         if lisa:
             phase = lisa_state.phase(lisa_config)
             lm = batch.answer_view() if hasattr(batch, "answer_view") else batch
-            stats = lisa_step(model, lm, optimizer, lisa_state, lisa_config, scheduler=scheduler, impl=opts["impl"])
+            stats = lisa_step(
+                model, lm, optimizer, lisa_state, lisa_config, scheduler=scheduler, impl=opts["impl"]
+            )
             return _Stats(stats, lisa_phase=phase)
         if not antibody:
             return sft_step(model, batch, optimizer, config, scheduler)
@@ -1631,7 +1682,9 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
         if command == "evaluate":
             opts = parse_options(command, args)
             if _launched_world_size() > 1:
-                raise CLIError("evaluate runs in one process: launch it without torchrun (WORLD_SIZE > 1 here)")
+                raise CLIError(
+                    "evaluate runs in one process: launch it without torchrun (WORLD_SIZE > 1 here)"
+                )
             runner = lambda: _run_evaluate(opts)  # noqa: E731
         else:
             opts, sources, missing = resolve_options(command, args, allow_missing=True)

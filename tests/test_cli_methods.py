@@ -15,11 +15,16 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from test_train_cli import COMMON, _adapter_state, _finetune_args, _jsonl, _torchrun, env  # noqa: E402,F401
+from test_train_cli import COMMON, _adapter_state, _finetune_args, _jsonl, _torchrun, make_cli_env  # noqa: E402
 
 from antibody_fast import train_cli  # noqa: E402
 from antibody_fast.models import ADAPTER_METADATA  # noqa: E402
 from antibody_fast.testing import assert_close  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_cli_env(tmp_path_factory.mktemp("cli"))
 
 
 def _align_args(env, out, method, *extra):
@@ -85,7 +90,11 @@ def test_align_step_loss_combined_unit():
 
     from antibody_fast.steps import AlignConfig, AlignState, align_step
 
-    for cfg in (AlignConfig(lambda_ref=0.3), AlignConfig(rule="constant", lambda_ref=0.0), AlignConfig(rule="none")):
+    for cfg in (
+        AlignConfig(lambda_ref=0.3),
+        AlignConfig(rule="constant", lambda_ref=0.0),
+        AlignConfig(rule="none"),
+    ):
         model = tiny_model("llama")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         s = align_step(model, make_align_batch(), opt, AlignState(), cfg)
@@ -167,25 +176,37 @@ def test_method_options_are_checked(env, tmp_path, capsys):
     assert "option of --method antibody / booster, not of vaccine" in err(
         "align", _align_args(env, tmp_path / "o", "vaccine", "--eta", "3")
     )
-    assert "no refusal term" in err("align", _align_args(env, tmp_path / "o", "booster", "--lambda-ref", "0.1"))
-    assert "uses --rule constant" in err("align", _align_args(env, tmp_path / "o", "booster", "--rule", "cosine"))
+    assert "no refusal term" in err(
+        "align", _align_args(env, tmp_path / "o", "booster", "--lambda-ref", "0.1")
+    )
+    assert "uses --rule constant" in err(
+        "align", _align_args(env, tmp_path / "o", "booster", "--rule", "cosine")
+    )
     assert "--method antibody needs --harmful-data" in err(
         "align", ["--model", env["model"], "--align-data", env["align"], "--output", str(tmp_path / "o")]
     )
     assert "--method lisa needs --align-data" in err(
         "finetune", _finetune_args(env, tmp_path / "o", "--method", "lisa")
     )
-    assert "option of --method lisa" in err("finetune", _finetune_args(env, tmp_path / "o", "--lisa-rho", "1"))
+    assert "option of --method lisa" in err(
+        "finetune", _finetune_args(env, tmp_path / "o", "--lisa-rho", "1")
+    )
     assert "--adapter-mode needs --adapter" in err(
         "finetune", _finetune_args(env, tmp_path / "o", "--adapter-mode", "merge")
     )
     assert not (tmp_path / "o").exists()
 
 
-def test_continue_refuses_fresh_lora_options(env, adapters, tmp_path, capsys):
+def test_continue_refuses_contradicting_lora_options(env, adapters, tmp_path, capsys):
+    """The adapters were made with --lora-r 2 (COMMON): the same value is fine, another one would be ignored."""
     args = _finetune_args(env, tmp_path / "o", "--adapter", str(adapters["antibody"] / "adapter"))
-    assert train_cli.main("finetune", args) == 2  # COMMON passes --lora-r 2: it would be ignored
-    assert "--lora-r sets a fresh adapter" in capsys.readouterr().err
+    args[args.index("--lora-r") + 1] = "4"
+    assert train_cli.main("finetune", args) == 2
+    assert "--lora-r 4 differs from the adapter's 2" in capsys.readouterr().err
+    assert (
+        train_cli.main("finetune", [*args, "--adapter-mode", "merge", "--dry-run"]) == 0
+    )  # a fresh r=4 LoRA
+    assert json.loads(capsys.readouterr().out)["adapter_mode"] == "merge"
     assert not (tmp_path / "o").exists()
 
 
@@ -201,28 +222,41 @@ def test_recipe_paper_and_precedence(tmp_path):
     ft, _, _ = train_cli.resolve_options("finetune", ["--recipe", "paper"], allow_missing=True)
     assert ft["lr"] == 1e-5 and ft["tau"] == 1.0 and ft["epochs"] == 20
     default, _, _ = train_cli.resolve_options("finetune", [], allow_missing=True)
-    assert default["lr"] == 1e-4 and default["lora_r"] == 8 and default["steps"] == 100 and default["epochs"] is None
+    assert (
+        default["lr"] == 1e-4
+        and default["lora_r"] == 8
+        and default["steps"] == 100
+        and default["epochs"] is None
+    )
     # config file over the recipe, flags over both; the later layer decides steps vs epochs
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"recipe": "paper", "lora_r": 16, "lr": 1e-3, "steps": 7}))
-    opts, src, _ = train_cli.resolve_options("align", ["--config", str(cfg), "--lr", "2e-3"], allow_missing=True)
+    opts, src, _ = train_cli.resolve_options(
+        "align", ["--config", str(cfg), "--lr", "2e-3"], allow_missing=True
+    )
     assert opts["lora_r"] == 16 and src["lora_r"] == f"config {cfg}"
     assert opts["lr"] == 2e-3 and src["lr"] == "command line"
     assert opts["steps"] == 7 and opts["epochs"] is None and opts["batch_size"] == 16
-    opts, _, _ = train_cli.resolve_options("align", ["--config", str(cfg), "--epochs", "3"], allow_missing=True)
+    opts, _, _ = train_cli.resolve_options(
+        "align", ["--config", str(cfg), "--epochs", "3"], allow_missing=True
+    )
     assert opts["epochs"] == 3 and opts["steps"] is None
     opts, _, _ = train_cli.resolve_options("align", ["--recipe", "paper", "--steps", "5"], allow_missing=True)
     assert opts["steps"] == 5 and opts["epochs"] is None
     with pytest.raises(train_cli.CLIError, match="--steps or --epochs, not both"):
         train_cli.resolve_options("align", ["--steps", "5", "--epochs", "2"], allow_missing=True)
     # the recipe's lambda_ref is not a user choice: booster still gets 0
-    opts, src, _ = train_cli.resolve_options("align", ["--recipe", "paper", "--method", "booster"], allow_missing=True)
+    opts, src, _ = train_cli.resolve_options(
+        "align", ["--recipe", "paper", "--method", "booster"], allow_missing=True
+    )
     assert opts["lambda_ref"] == 0.0 and opts["rule"] == "constant"
 
 
 def test_dry_run_prints_the_resolved_configuration(tmp_path, capsys):
     out = tmp_path / "never"
-    assert train_cli.main("align", ["--recipe", "paper", "--dry-run", "--output", str(out), "--lr", "1e-3"]) == 0
+    assert (
+        train_cli.main("align", ["--recipe", "paper", "--dry-run", "--output", str(out), "--lr", "1e-3"]) == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["command"] == "align" and printed["recipe"] == "paper"
     assert printed["options"]["lora_r"] == 32 and printed["options"]["lr"] == 1e-3
@@ -256,7 +290,11 @@ def test_epochs_refusals_truncation(env, tmp_path):
     pool = tmp_path / "refusals.txt"
     pool.write_text("No, I will not do that.\nThat is something I refuse to write.\n")
     d = {}
-    for name, extra in (("shipped", ()), ("file", ("--refusals", str(pool))), ("left", ("--truncation", "left"))):
+    for name, extra in (
+        ("shipped", ()),
+        ("file", ("--refusals", str(pool))),
+        ("left", ("--truncation", "left")),
+    ):
         o = tmp_path / name
         assert train_cli.main("finetune", _finetune_args(env, o, "--steps", "1", *extra)) == 0
         d[name] = _metrics(o)[0]["d_mean"]
@@ -279,13 +317,17 @@ def test_drop_overlong(env, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------- resume, DDP
-@pytest.mark.parametrize("command, method", [("align", "booster"), ("align", "vaccine"), ("finetune", "lisa")])
+@pytest.mark.parametrize(
+    "command, method", [("align", "booster"), ("align", "vaccine"), ("finetune", "lisa")]
+)
 def test_resume_equals_uninterrupted(env, tmp_path, command, method):
     def args(out):
         if command == "align":
-            return _align_args(env, out, method, "--lr", "1e-2", "--steps", "3", "--momentum", "0.5") if (
-                method == "booster"
-            ) else _align_args(env, out, method, "--lr", "1e-2", "--steps", "3")
+            return (
+                _align_args(env, out, method, "--lr", "1e-2", "--steps", "3", "--momentum", "0.5")
+                if (method == "booster")
+                else _align_args(env, out, method, "--lr", "1e-2", "--steps", "3")
+            )
         return _finetune_args(env, out, "--method", "lisa", "--align-data", env["align"], "--lr", "1e-2",
                               "--lisa-align-steps", "1", "--lisa-finetune-steps", "1", "--lisa-rho", "1.0",
                               "--lisa-warmup-fraction", "0.2")  # fmt: skip
@@ -297,7 +339,9 @@ def test_resume_equals_uninterrupted(env, tmp_path, command, method):
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["loss"] for r in _metrics(tmp_path / "full")] == [r["loss"] for r in _metrics(tmp_path / "part")]
+    assert [r["loss"] for r in _metrics(tmp_path / "full")] == [
+        r["loss"] for r in _metrics(tmp_path / "part")
+    ]
 
 
 def test_resume_refuses_another_method(env, tmp_path, capsys):

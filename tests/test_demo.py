@@ -144,6 +144,20 @@ def test_quick_outputs_exist_and_are_well_formed(quick):
         assert line.startswith(f"| {r['label']} | {r['hs']:.1f} | {r['fa']:.1f} |")
 
 
+def test_adapter_modes_follow_the_authors(quick):
+    """Fine-tuning keeps training the alignment adapter (continue) after every alignment except Vaccine's, which
+    is merged before a fresh adapter; the report states the mode of each row."""
+    out, _, report = quick
+    modes = {r["method"]: r["adapter_mode"] for r in report["methods"]}
+    assert modes == {"sft": "continue", "vaccine": "merge", "lisa": "continue", "booster": "continue",
+                     "antibody": "continue"}  # fmt: skip
+    md = open(os.path.join(out, "report.md")).read()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[0].rstrip().endswith("| Adapter in fine-tuning |")
+    for line, r in zip(rows[1:], report["methods"]):
+        assert line.rstrip().endswith(f"| {r['adapter_mode']} |"), line
+
+
 def test_quick_is_reproducible(quick, tmp_path):
     _, _, first = quick
     rc, second = _run(tmp_path)

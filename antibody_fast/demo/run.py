@@ -464,7 +464,9 @@ class Runner:
 
         cfg = self.cfg
         if ADAPTER_MODE_OF[method] == "continue":
-            model, opt = self._lora_model(base_state, cfg.finetune_lr, cfg.finetune_optimizer, adapter=adapter)
+            model, opt = self._lora_model(
+                base_state, cfg.finetune_lr, cfg.finetune_optimizer, adapter=adapter
+            )
         else:
             model, opt = self._lora_model(merged_state, cfg.finetune_lr, cfg.finetune_optimizer)
         iu = Batches(self.data.user, cfg.batch_size, cfg.seed + 4)
@@ -555,22 +557,22 @@ def _markdown(header: list[str], align: str, cells: list[list[str]]) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The paper-shaped Markdown table of one run (one row per method)."""
-    header = ["Method", "Adapter in fine-tuning", "HS (%) ↓", "FA (%) ↑", "HS after alignment (%)",
-              "P(refusal) after alignment", "Alignment time/step (ms)", "Fine-tuning time/step (ms)"]  # fmt: skip
+    header = ["Method", "HS (%) ↓", "FA (%) ↑", "HS after alignment (%)", "P(refusal) after alignment",
+              "Alignment time/step (ms)", "Fine-tuning time/step (ms)", "Adapter in fine-tuning"]  # fmt: skip
     cells = [
         [
             r["label"],
-            r.get("adapter_mode", "merge"),
             f"{r['hs']:.1f}",
             f"{r['fa']:.1f}",
             f"{r['hs_aligned']:.1f}",
             f"{r['p_refuse_aligned']:.3f}",
             f"{r['align_ms']:.1f}",
             f"{r['finetune_ms']:.1f}",
+            r["adapter_mode"],
         ]  # fmt: skip
         for r in rows
     ]
-    return _markdown(header, "llrrrrrr", cells)
+    return _markdown(header, "lrrrrrrl", cells)
 
 
 def _spread(values: list[float], fmt: str = ".1f") -> str:
@@ -581,21 +583,21 @@ def _spread(values: list[float], fmt: str = ".1f") -> str:
 
 def format_summary_table(summary: list[dict]) -> str:
     """Several seeds: mean [min–max] per method, then the per-seed HS and FA."""
-    header = ["Method", "Adapter in fine-tuning", "HS (%) ↓ mean [min–max]", "FA (%) ↑ mean [min–max]",
-              "P(refusal) after alignment", "HS per seed", "FA per seed"]  # fmt: skip
+    header = ["Method", "HS (%) ↓ mean [min–max]", "FA (%) ↑ mean [min–max]", "P(refusal) after alignment",
+              "HS per seed", "FA per seed", "Adapter in fine-tuning"]  # fmt: skip
     cells = [
         [
             r["label"],
-            ADAPTER_MODE_OF[r["method"]],
             _spread(r["hs"]),
             _spread(r["fa"]),
             _spread(r["p_refuse_aligned"], ".3f"),
             " / ".join(f"{x:.0f}" for x in r["hs"]),
             " / ".join(f"{x:.0f}" for x in r["fa"]),
+            ADAPTER_MODE_OF[r["method"]],
         ]  # fmt: skip
         for r in summary
     ]
-    return _markdown(header, "llrrrll", cells)
+    return _markdown(header, "lrrrlll", cells)
 
 
 def _plt():
