@@ -23,6 +23,20 @@ the original forward unchanged. The hook patches the *instance* (``model.forward
 transformers model, so it works through PEFT wrappers (``PeftModel -> LoraModel -> model.forward``) and
 DDP; :func:`remove_fused_loss` (or the returned handle's ``remove()``) restores the original forward.
 
+**No silent bypass.** A trainer may replace the model's forward after the hook is installed, and then our op
+never runs. TRL (1.x) does exactly that: ``SFTTrainer`` (and DPO, KTO, GRPO, RLOO) installs its own fused LM head
+(``trl.trainer.utils.add_fused_lm_head``) and calls the model with ``fused_lm_head=True``. The hook therefore:
+
+* refuses to install on a model whose forward is already such a fused head (:class:`FusedLossBypassedError`);
+* checks every call of the model it was given (a forward pre-hook, a dict lookup, no tensor work) and raises
+  :class:`FusedLossBypassedError` on the first call that asks for another fused head (``fused_lm_head=True``),
+  before any forward or optimizer step ran;
+* counts the calls its fused path served (``handle.calls``, a host int), and ``use_fused_loss(trainer)`` adds a
+  callback that raises after the first optimizer step if that count is still 0, whatever the cause.
+
+antibody_fast does not serve TRL's fused-head slot yet (it needs per-token log-probs, entropy and top-1 flags);
+with TRL, use TRL's own head (drop the hook) or a plain ``transformers.Trainer``.
+
 Trainers that need logits for metrics (``compute_metrics`` with ``prediction_loss_only=False``) get
 ``None``; set ``prediction_loss_only=True`` or remove the hook for evaluation. Models whose lm_head carries
 adapters or that rescale logits are rejected by :func:`antibody_fast.models.get_trunk_and_head`
@@ -37,19 +51,42 @@ from typing import Any
 
 import torch
 
-__all__ = ["use_fused_loss", "remove_fused_loss", "fused_causal_lm_loss", "FusedLossHandle"]
+__all__ = [
+    "use_fused_loss",
+    "remove_fused_loss",
+    "fused_causal_lm_loss",
+    "FusedLossHandle",
+    "FusedLossBypassedError",
+]
 
 _ATTR = "_antibody_fast_fused_loss"
 
+_BYPASS_HELP = (
+    "TRL's trainers (SFTTrainer, DPOTrainer, ... since TRL 1.0) install their own fused LM head "
+    "(trl.trainer.utils.add_fused_lm_head) and call the model with fused_lm_head=True, which bypasses "
+    "antibody_fast's fused loss; antibody_fast cannot serve that slot yet. Either drop use_fused_loss and let "
+    "TRL use its own head, or train with a plain transformers.Trainer, where use_fused_loss works."
+)
+
+
+class FusedLossBypassedError(RuntimeError):
+    """The fused-loss hook is installed but the trainer computes its loss another way (see the module doc)."""
+
 
 class FusedLossHandle:
-    """Returned by :func:`use_fused_loss`; ``remove()`` restores the original forward."""
+    """Returned by :func:`use_fused_loss`; ``remove()`` restores the original forward.
+
+    Attributes:
+        calls: number of forward calls the fused path served (a host int; no device sync).
+    """
 
     def __init__(self, target: torch.nn.Module, original, had_instance_forward: bool, impl: str):
         self.target = target
         self.original = original
         self.had_instance_forward = had_instance_forward
         self.impl = impl
+        self.calls = 0
+        self.hooks: list = []
 
     def remove(self) -> None:
         remove_fused_loss(self.target)
@@ -127,13 +164,42 @@ def fused_causal_lm_loss(
     return loss.to(torch.float32), n
 
 
-def use_fused_loss(model: torch.nn.Module, *, impl: str = "auto") -> FusedLossHandle:
+def _is_foreign_fused_head(forward) -> bool:
+    """Whether ``forward`` is another library's fused-LM-head forward (TRL's takes ``fused_lm_head=``)."""
+    fn = getattr(forward, "__func__", forward)
+    code = getattr(fn, "__code__", None)
+    return (
+        code is not None and "fused_lm_head" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+    )
+
+
+def _is_trainer(obj) -> bool:
+    return hasattr(obj, "add_callback") and hasattr(obj, "model") and hasattr(obj, "args")
+
+
+def _guard_callback(handle: FusedLossHandle):
+    """A ``TrainerCallback`` that raises after the first optimizer step if the fused path never ran."""
+    from transformers import TrainerCallback
+
+    class FusedLossGuard(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if handle.calls == 0 and getattr(handle.target, _ATTR, None) is handle:
+                raise FusedLossBypassedError(
+                    "use_fused_loss: an optimizer step finished but antibody_fast's fused loss never ran: the "
+                    "trainer computes its loss another way. " + _BYPASS_HELP
+                )
+
+    return FusedLossGuard()
+
+
+def use_fused_loss(model, *, impl: str = "auto") -> FusedLossHandle:
     """Patch ``model`` (an HF causal LM, PEFT- or DDP-wrapped or not) so that calls with ``labels`` compute
     the loss with the fused linear log-likelihood and return ``logits=None``. Idempotent (a second call
     returns a handle on the existing patch). See the module docstring.
 
     Args:
-        model: the model handed to the trainer.
+        model: the model handed to the trainer, or the trainer itself (then ``trainer.model`` is patched and a
+            callback checks, after the first optimizer step, that the fused path ran).
         impl: implementation of the fused op (``"auto"|"triton"|"cpp"|"torch"``).
 
     Returns:
@@ -142,12 +208,18 @@ def use_fused_loss(model: torch.nn.Module, *, impl: str = "auto") -> FusedLossHa
     Raises:
         TypeError: the model has no plain linear lm_head or rescales its logits (see
             :func:`antibody_fast.models.get_trunk_and_head`).
+        FusedLossBypassedError: the model already carries another fused LM head (TRL's), which would bypass ours;
+            later, on the first call that asks for another fused head.
     """
     from ..dispatch import IMPLS
     from ..models import get_trunk_and_head, unwrap_peft
 
     if impl not in IMPLS:
         raise ValueError(f"use_fused_loss: impl must be one of {IMPLS}, got {impl!r}")
+    if _is_trainer(model):
+        handle = use_fused_loss(model.model, impl=impl)
+        model.add_callback(_guard_callback(handle))
+        return handle
     inner = model
     while isinstance(inner, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         inner = inner.module
@@ -156,6 +228,10 @@ def use_fused_loss(model: torch.nn.Module, *, impl: str = "auto") -> FusedLossHa
     if existing is not None:
         return existing
     trunk, lm_head, softcap = get_trunk_and_head(target)  # raises TypeError for unsupported models
+    if _is_foreign_fused_head(target.forward):
+        raise FusedLossBypassedError(
+            "use_fused_loss: this model already carries another fused LM head. " + _BYPASS_HELP
+        )
     had_instance_forward = "forward" in vars(target)
     original = target.forward
     try:
@@ -175,12 +251,27 @@ def use_fused_loss(model: torch.nn.Module, *, impl: str = "auto") -> FusedLossHa
             args = ()
         labels = kwargs.get("labels")
         shift_labels = kwargs.get("shift_labels")
+        if kwargs.get("fused_lm_head"):
+            raise FusedLossBypassedError(
+                "use_fused_loss: the model was called with fused_lm_head=True. " + _BYPASS_HELP
+            )
         if args or (labels is None and shift_labels is None) or kwargs.get("return_dict") is False:
             return original(*args, **kwargs)
+        handle.calls += 1
         return _fused_forward(trunk, lm_head, softcap, impl, kwargs)
+
+    def pre_hook(module, args, kwargs):
+        # The trainer calls the outer module; TRL's replacement forward never reaches ours, so check here.
+        if kwargs.get("fused_lm_head"):
+            raise FusedLossBypassedError(
+                "use_fused_loss: the model was called with fused_lm_head=True: another fused LM head computes "
+                "the loss. " + _BYPASS_HELP
+            )
 
     target.forward = forward
     handle = FusedLossHandle(target, original, had_instance_forward, impl)
+    for m in {id(model): model, id(inner): inner, id(target): target}.values():
+        handle.hooks.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
     setattr(target, _ATTR, handle)
     return handle
 
@@ -196,6 +287,8 @@ def remove_fused_loss(model: torch.nn.Module) -> bool:
     handle = getattr(target, _ATTR, None)
     if handle is None:
         return False
+    for h in handle.hooks:
+        h.remove()
     if handle.had_instance_forward:
         target.forward = handle.original
     else:
