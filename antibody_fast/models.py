@@ -7,6 +7,11 @@ The tiny factories build models from configs with random weights (no hub access)
 with ``attn_implementation="sdpa"`` for Llama and Qwen2 and ``"eager"`` for Gemma-2 (its attention-logit
 softcapping is only implemented in the eager path). Dropout is zero, so train and eval modes compute the same.
 
+Saved adapters (docs/design.md §2.4): :func:`load_adapter` puts a saved LoRA adapter on a model as the trainable
+adapter ("continue": fine-tuning keeps training the alignment adapter, the authors' single LoRA), and
+:func:`merge_adapter` merges it into the weights ("merge": a fresh :func:`add_lora` adapter follows, as after
+Vaccine). :func:`write_adapter_metadata` / :func:`read_adapter_metadata` record which method made an adapter.
+
 transformers and peft are imported lazily inside the functions.
 """
 
