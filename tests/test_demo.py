@@ -296,10 +296,11 @@ def test_default_run_is_sensible(default_report):
 @pytest.mark.slow
 @pytest.mark.xfail(
     reason="issue 7's acceptance criterion, NOT met by the measured default run: with 20% harmful samples every "
-    "method ends at HS 100% on this toy (seed 0; also seeds 1-4, see the README). Measured cause: Antibody's and "
-    "Booster's alignment stalls at P(refusal) ~0.7 (SFT: 0.998) because cos(g_a, g_s) ~ -0.99, and the weakly "
-    "aligned model loses its refusals even under benign-only fine-tuning. Strict: the demo is deterministic on one "
-    "machine, so if the outcome changes this test fails and the README's table and this marker change together.",
+    "method ends at HS 100% on this toy (seed 0, with the authors' adapter continuation, 2026-12-02; also seeds 0-4 "
+    "with the earlier fresh-adapter pipeline, see the README). Measured: Antibody's and Booster's alignment stalls "
+    "at P(refusal) ~0.8 (SFT: 0.998) with cos(g_a, g_s) ~ -0.94, and Antibody's held-out HS is 77% after 100 "
+    "fine-tuning steps. Strict: the demo is deterministic on one machine, so if the outcome changes this test fails "
+    "and the README's table and this marker change together.",
     strict=True,
 )
 def test_default_run_antibody_hs_far_below_sft(default_report):
