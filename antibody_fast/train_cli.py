@@ -342,7 +342,8 @@ def _show(v) -> str:
 
 def _default_help(command: str, o: Opt) -> str:
     """`` (default: X; --recipe paper: Y)``: where each default comes from, recipe by recipe."""
-    parts = [f"default: {_show(o.default)}"] if o.default not in (None, [], False) else []
+    shown = o.default is not None and o.default is not False and o.default != []  # (0 == False: test identity)
+    parts = [f"default: {_show(o.default)}"] if shown else []
     for name in RECIPES:
         values = recipe_values(name, command)
         if name != "default" and o.name in values and values[o.name] != o.default:
