@@ -14,10 +14,12 @@ tests hold them equal to.
   anchor is the trainable parameters at the last switch of state. The caller asks :meth:`LisaState.phase`
   which data the next step needs.
 
-All steps take every ``requires_grad`` parameter of the model as the trainable set, clip the global gradient norm
-to ``max_grad_norm`` (torch's ``clip_grad_norm_`` formula ``min(1, max / (norm + 1e-6))``), then call
-``optimizer.step()``, ``scheduler.step()`` when given, and ``optimizer.zero_grad()``. Returned statistics are
-tensors (no host synchronisation inside a step).
+Under ``torch.distributed`` (e.g. ``torchrun``; default process group) both steps compute the global batch's
+update: token counts, gradients (and Vaccine's ``||g||_global``) are summed over ranks, as in
+:func:`antibody_fast.sft_step`. All steps take every ``requires_grad`` parameter of the model as the trainable
+set, clip the global gradient norm to ``max_grad_norm`` (torch's ``clip_grad_norm_`` formula
+``min(1, max / (norm + 1e-6))``), then call ``optimizer.step()``, ``scheduler.step()`` when given, and
+``optimizer.zero_grad()``. Returned statistics are tensors (no host synchronisation inside a step).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch
 from torch import nn
 
 from .data.batch import IGNORE_INDEX, LMBatch
+from .distributed import all_reduce_sum, is_distributed
 from .reference import hf_loss
-from .steps import _finish, _parts, _token_mean_loss, flat_parameters
+from .steps import _finish, _global_loss_value, _parts, _reduce_grads, _token_mean_loss, flat_parameters
 
 __all__ = [
     "BaselineStats",
@@ -188,6 +191,8 @@ def vaccine_step(
     grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
     outputs.clear()  # the pass-1 graph can go
     gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    if is_distributed():  # ||g||_global over the global batch: every rank holds its samples' rows
+        gnorm = all_reduce_sum(gnorm.square()).sqrt()
     scale = rho / (gnorm + 1e-7)
     perturb = [(g * scale.to(g.dtype)).detach() for g in grads]
     del grads
@@ -207,11 +212,12 @@ def vaccine_step(
             h.remove()
     loss.backward()
     flat.ensure_grad_views()  # no-op unless something replaced .grad (e.g. optimizer.zero_grad())
+    _reduce_grads(flat, None)  # under torchrun: the global batch's gradient (no-op in one process)
     norm = _finish(flat, optimizer, scheduler, max_grad_norm or None, impl)  # 0 or None: no clip
     return BaselineStats(
-        loss=loss.detach(),
+        loss=_global_loss_value(loss, None),
         grad_norm=norm,
-        extra={"clean_loss": clean_loss.detach(), "perturbation_grad_norm": gnorm.detach()},
+        extra={"clean_loss": _global_loss_value(clean_loss, None), "perturbation_grad_norm": gnorm.detach()},
     )
 
 
@@ -452,6 +458,9 @@ def lisa_step(
     loss = _lm_loss(model, batch, impl)
     loss.backward()
     flat.ensure_grad_views()
+    _reduce_grads(
+        flat, None
+    )  # under torchrun: the global batch's gradient, before the (rank-equal) proximal one
     grads = flat.grad_buffers
     with torch.no_grad():
         # ||theta - anchor||^2 is the third of grad_dots(g, theta, anchor) (one fused pass, no temporary), and
@@ -461,7 +470,7 @@ def lisa_step(
             antibody_combine_(grads, grads, theta, state.anchor, None, rho, 0.0, impl=impl)
     norm = _finish(flat, optimizer, scheduler, config.max_grad_norm or None, impl)  # 0 or None: no clip
     state.step += 1
-    return BaselineStats(loss=loss.detach(), grad_norm=norm, extra={"proximal": prox})
+    return BaselineStats(loss=_global_loss_value(loss, None), grad_norm=norm, extra={"proximal": prox})
 
 
 def reference_lisa_step(

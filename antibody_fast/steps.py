@@ -236,6 +236,8 @@ class StepStats:
         cos: 0-dim fp32 ``cos(g_a, g_s)``; dots: ``[3]`` fp32 ``[<g_a,g_s>, ||g_a||^2, ||g_s||^2]``.
         loss_align, loss_harmful, loss_perturbed, loss_refusal: 0-dim fp32 ``L_A(θ)``, ``L_H(θ)``,
             ``L_H(θ')``, ``L_R(θ')`` (``None`` for passes that did not run).
+        loss_combined: 0-dim fp32 ``L_A + λ_t (L_H(θ) - L_H(θ')) + λ_ref L_R(θ')``, the objective whose
+            gradient is the update ``δ`` (λ_t held fixed, θ' treated as in SAM); ``L_A`` for ``rule="none"``.
     """
 
     loss: torch.Tensor
@@ -255,6 +257,7 @@ class StepStats:
     loss_harmful: torch.Tensor | None = None
     loss_perturbed: torch.Tensor | None = None
     loss_refusal: torch.Tensor | None = None
+    loss_combined: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, float | list[float]]:
         """Host copy for logging (synchronises): 0-dim tensors become floats, vectors lists."""
@@ -832,7 +835,8 @@ def align_step(
 
     Returns:
         :class:`StepStats` with ``loss`` (= ``L_A``), ``grad_norm`` (of δ before clipping), ``lambda_t``,
-        ``lambda_raw``, ``cos``, ``dots``, the four losses and ``num_tokens`` of A.
+        ``lambda_raw``, ``cos``, ``dots``, the four losses, ``loss_combined`` (the objective of δ) and
+        ``num_tokens`` of A.
     """
     config = _checked_config(config, AlignConfig, "align_step")
     if not isinstance(state, AlignState):
@@ -902,10 +906,16 @@ def align_step(
                 prev = state.lambda_ema.to(device=device, dtype=torch.float32)
                 lam = m * prev + (1.0 - m) * raw
             antibody_combine_(grads, grads, g_h, g_p, g_r, lam, float(config.lambda_ref), impl=impl)
+            # the logged objective of δ (device tensors, no sync): L_A + λ_t (L_H - L_P) + λ_ref L_R
+            combined = stats.loss_align + lam * (stats.loss_harmful - stats.loss_perturbed)
+            if need_r:
+                combined = combined + float(config.lambda_ref) * stats.loss_refusal
         stats.dots, stats.cos, stats.lambda_raw, stats.lambda_t = dots, cos, raw, lam
+        stats.loss_combined = combined
         state.lambda_ema = lam
     else:
         stats.lambda_t = torch.zeros((), dtype=torch.float32, device=device)
+        stats.loss_combined = stats.loss_align
     state.step += 1
     stats.grad_norm = _finish(flat, optimizer, scheduler, config.max_grad_norm, impl)
     return stats

@@ -9,18 +9,36 @@ Pipeline on a real model (a local directory or a hub id; ``HF_HUB_OFFLINE=1`` is
     antibody-fast evaluate --model M --adapter run/align/adapter --adapter run/ft/adapter --task sst2 \\
                            --task-data sst2_test.jsonl --harmful-prompts beavertails_test.jsonl --output run/eval
 
-* **Configuration**: every option can also come from ``--config FILE`` (YAML or JSON; keys are option names
-  with ``_`` or ``-``); flags given on the command line override the file.
-* **Adapters**: ``--adapter DIR`` (repeatable) merges LoRA adapters into the base model, in order, before
-  training or evaluating; training then adds a fresh LoRA (``--lora-r``, ``--lora-targets``).
+* **Methods** (``--method``): ``align`` runs ``antibody`` (:func:`~antibody_fast.align_step`, λ rule
+  ``--rule``), ``booster`` (``align_step`` with a constant λ = η and no refusal term), ``vaccine``
+  (:func:`~antibody_fast.baselines.vaccine_step`, ``--vaccine-rho``) or ``sft`` (safety SFT on the alignment
+  data); ``finetune`` runs ``antibody`` (:func:`~antibody_fast.weighted_step`), ``sft`` or ``lisa``
+  (:func:`~antibody_fast.baselines.lisa_step` alternating ``--lisa-align-steps`` steps on ``--align-data`` and
+  ``--lisa-finetune-steps`` on the user data, proximal weight ``--lisa-rho``, no proximal term while
+  step <= ``--lisa-warmup-fraction`` x the run's steps). An option only another method reads is an error.
+* **Configuration**: ``--recipe default|paper`` (:mod:`antibody_fast.recipes`) < ``--config FILE`` (YAML or
+  JSON; keys are option names with ``_`` or ``-``) < flags on the command line. ``--help`` names each
+  recipe's default; ``--dry-run`` prints the resolved options and where each came from, and exits.
+  ``run_config.json`` records the same (``option_sources``).
+* **Adapters**: ``--adapter DIR`` (repeatable). ``align`` and ``evaluate`` merge them into the base model, in
+  order; ``align`` then trains a fresh LoRA (``--lora-r``, ``--lora-alpha``, ``--lora-targets``). ``finetune``
+  merges all but the last, and ``--adapter-mode continue`` keeps training the last one (the authors' "single
+  LoRA", its own rank and targets) while ``merge`` merges it too and trains a fresh LoRA. The default follows
+  the authors: ``merge`` when the adapter's metadata (``adapter/antibody_fast_adapter.json``, which every
+  adapter this CLI saves carries: command, method) says ``align --method vaccine`` made it, else ``continue``.
+* **Data**: ``--refusals FILE`` (the refusal pool, :func:`~antibody_fast.data.load_refusals`),
+  ``--truncation right|left``, ``--max-length``, ``--drop-overlong`` (samples whose answer truncation cuts away
+  are left out and counted in ``run_config.json``; without it they are an error), ``--epochs`` (instead of
+  ``--steps``: epochs x ceil(samples / global batch)).
 * **Progress**: a tqdm bar with the step time, tokens/s, λ_t (align) or the harmful / benign mean weights
   (finetune); ``--no-progress`` turns it off.
 * **Checkpoints**: every ``--save-every`` steps (``OUTPUT/checkpoint.pt``, written atomically: adapter
   weights, optimizer, scheduler, AlignState, RNG, data position and suppression statistics);
   ``--resume`` continues from it and ends with the same adapter as an uninterrupted run.
-* **Outputs** (``--output DIR``): ``adapter/`` (PEFT ``save_pretrained``), ``metrics.jsonl`` (one JSON line per
-  logged step), ``run_config.json``; ``finetune`` also writes the per-sample suppression report
-  ``suppression_report.csv`` (each uploaded sample's mean weight over training) and, when harmful flags exist,
+* **Outputs** (``--output DIR``): ``adapter/`` (PEFT ``save_pretrained`` + ``antibody_fast_adapter.json``),
+  ``metrics.jsonl`` (one JSON line per logged step; ``align`` logs ``loss_combined`` = L_A + λ_t (L_H - L_P) +
+  λ_ref L_R next to ``loss_align``), ``run_config.json``; ``finetune`` also writes the per-sample suppression report
+  ``suppression_report.csv`` (Antibody: each uploaded sample's mean weight over training) and, when harmful flags exist,
   ``suppression_summary.json`` (AUROC of the weights, benign vs harmful) and ``suppression_hist.png``
   (weights by class; needs matplotlib); ``evaluate`` writes ``eval.json`` and ``samples.jsonl``.
 * **Several processes**: launched with ``torchrun --nproc-per-node N -m antibody_fast align|finetune ...``,
@@ -53,9 +71,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["main", "CLIError", "auroc", "COMMANDS"]
+from .data.collate import TRUNCATION_SIDES
+from .models import ADAPTER_MODES
+from .recipes import RECIPES, recipe_values
+
+__all__ = ["main", "CLIError", "auroc", "COMMANDS", "parse_options", "resolve_options"]
 
 COMMANDS = ("align", "finetune", "evaluate")
+ALIGN_METHODS = ("antibody", "booster", "vaccine", "sft")
+FINETUNE_METHODS = ("antibody", "sft", "lisa")
 
 
 class CLIError(ValueError):
@@ -84,7 +108,8 @@ COMMON = [
         "adapter",
         str,
         [],
-        "LoRA adapter directory merged into the model before running (repeatable)",
+        "LoRA adapter directory (repeatable). align / evaluate: merged into the model, in order. finetune: "
+        "see --adapter-mode",
         list_=True,
     ),
     Opt("output", str, None, "output directory (required)"),
@@ -97,7 +122,19 @@ COMMON = [
     Opt("no_template", bool, False, "use prompts as given (no Alpaca template) for align data", flag=True),
 ]
 TRAIN = [
-    Opt("steps", int, 100, "optimizer steps"),
+    Opt(
+        "recipe",
+        str,
+        "default",
+        "option preset: 'default' runs on a laptop CPU in minutes; 'paper' is the authors' recipe (flags "
+        "and --config override it)",
+        choices=tuple(RECIPES),
+    ),
+    Opt(
+        "dry_run", bool, False, "print the resolved configuration (JSON) and exit; loads no model", flag=True
+    ),
+    Opt("steps", int, 100, "optimizer steps (replaced by --epochs when that is given)"),
+    Opt("epochs", int, None, "run epochs x ceil(N / global batch) steps, N = training samples kept"),
     Opt("lr", _float, 1e-4, "learning rate (AdamW)"),
     Opt("weight_decay", _float, 0.0, "AdamW weight decay"),
     Opt("lr_scheduler", str, "constant", "LR schedule", choices=("constant", "linear", "cosine")),
@@ -107,17 +144,32 @@ TRAIN = [
         "amp",
         str,
         "auto",
-        "autocast dtype (auto: bf16 on cuda, none on cpu)",
+        "autocast dtype (auto: bf16 on cuda with float32 weights, else none; antibody/booster/sft only)",
         choices=("auto", "none", "bf16", "fp16"),
     ),
-    Opt("lora_r", int, 8, "LoRA rank"),
-    Opt("lora_alpha", _float, None, "LoRA alpha (default 2 * r)"),
+    Opt("lora_r", int, 8, "LoRA rank of a fresh adapter"),
+    Opt("lora_alpha", _float, None, "LoRA alpha of a fresh adapter (default 2 * r)"),
     Opt(
         "lora_targets",
         str,
         ["q_proj", "k_proj", "v_proj"],
-        "LoRA target modules (comma separated)",
+        "LoRA target modules of a fresh adapter (comma separated)",
         list_=True,
+    ),
+    Opt("refusals", str, None, "refusal pool: JSONL / JSON / text file (default: the shipped pool)"),
+    Opt(
+        "truncation",
+        str,
+        "right",
+        "right: cut prompt + answer on the right (the authors'); left: the prompt loses its oldest tokens",
+        choices=TRUNCATION_SIDES,
+    ),
+    Opt(
+        "drop_overlong",
+        bool,
+        False,
+        "leave out samples whose answer truncation cuts away (counted in run_config.json) instead of failing",
+        flag=True,
     ),
     Opt("save_every", int, 0, "write a checkpoint every N steps (0: only at the end)"),
     Opt("resume", bool, False, "resume from OUTPUT/checkpoint.pt", flag=True),
@@ -126,26 +178,35 @@ TRAIN = [
     Opt("impl", str, "auto", "fused-op implementation", choices=("auto", "triton", "cpp", "torch")),
 ]
 ALIGN = [
+    Opt(
+        "method",
+        str,
+        "antibody",
+        "antibody (align_step), booster (align_step, constant lambda, no refusal term), vaccine (vaccine_step) "
+        "or sft (safety SFT on the alignment data)",
+        choices=ALIGN_METHODS,
+    ),
     Opt("align_data", str, None, "alignment data: JSON/JSONL with prompt + refusal (required)"),
     Opt(
         "harmful_data",
         str,
         None,
-        "harmful data: BeaverTails-style JSON/JSONL with prompt + response (required)",
+        "harmful data: BeaverTails-style JSON/JSONL with prompt + response (required by antibody and booster)",
     ),
     Opt("num_align", int, None, "use only the first N alignment records"),
     Opt("num_harmful", int, None, "use only the first N harmful records"),
     Opt(
         "rule",
         str,
-        "cosine",
-        "lambda rule (constant + lambda_ref 0 = Booster; none = safety SFT)",
+        None,
+        "antibody's lambda rule (default cosine; constant + lambda_ref 0 = booster; none = safety SFT)",
         choices=("cosine", "kkt", "constant", "none"),
     ),
-    Opt("eta", _float, 5.0, "eta"),
-    Opt("rho", _float, 0.1, "perturbation radius rho"),
-    Opt("lambda_ref", _float, 0.05, "weight of the refusal gradient"),
-    Opt("momentum", _float, 0.99, "EMA momentum of lambda"),
+    Opt("eta", _float, 5.0, "eta (antibody, booster: the constant lambda)"),
+    Opt("rho", _float, 0.1, "perturbation radius rho (antibody, booster)"),
+    Opt("lambda_ref", _float, None, "weight of the refusal gradient (antibody; default 0.05; booster: 0)"),
+    Opt("momentum", _float, 0.99, "EMA momentum of lambda (antibody, booster)"),
+    Opt("vaccine_rho", _float, 5.0, "Vaccine's perturbation radius rho_V on the attention outputs"),
 ]
 FINETUNE = [
     Opt("task", str, None, "user task format (required)", choices=("sst2", "agnews", "gsm8k", "alpaca")),
@@ -154,10 +215,45 @@ FINETUNE = [
     Opt("harmful_ratio", _float, 0.1, "fraction p of harmful samples in the user set, in [0, 1]"),
     Opt("num_samples", int, 1000, "number n of user samples"),
     Opt(
-        "method", str, "antibody", "antibody (weighted_step) or sft (plain SFT)", choices=("antibody", "sft")
+        "method",
+        str,
+        "antibody",
+        "antibody (weighted_step), sft (plain SFT) or lisa (lisa_step, alternating with --align-data)",
+        choices=FINETUNE_METHODS,
     ),
-    Opt("tau", _float, 1.0, "softmax temperature of the sample weights"),
-    Opt("refusal_scoring", str, "prefix_cache", "how refusals are scored", choices=("prefix_cache", "full")),
+    Opt(
+        "adapter_mode",
+        str,
+        None,
+        "with --adapter: continue = keep training the (last) adapter, the authors' single LoRA; merge = merge "
+        "it and train a fresh LoRA. Default: merge when the adapter was made by align --method vaccine (its "
+        "metadata says so), else continue",
+        choices=ADAPTER_MODES,
+    ),
+    Opt("tau", _float, 1.0, "softmax temperature of the sample weights (antibody)"),
+    Opt(
+        "refusal_scoring",
+        str,
+        "prefix_cache",
+        "how refusals are scored (antibody)",
+        choices=("prefix_cache", "full"),
+    ),
+    Opt(
+        "align_data",
+        str,
+        None,
+        "alignment data (prompt + refusal) of Lisa's alignment state (lisa: required)",
+    ),
+    Opt("num_align", int, None, "use only the first N alignment records (lisa)"),
+    Opt("lisa_align_steps", int, 100, "Lisa's K_a: steps of each alignment state"),
+    Opt("lisa_finetune_steps", int, 900, "Lisa's K_f: steps of each fine-tuning state"),
+    Opt("lisa_rho", _float, 0.01, "Lisa's proximal weight rho_L"),
+    Opt(
+        "lisa_warmup_fraction",
+        _float,
+        0.1,
+        "Lisa: no proximal term while step <= fraction x total steps (the authors' warm-up)",
+    ),
 ]
 EVALUATE = [
     Opt("task", str, None, "task format of --task-data", choices=("sst2", "agnews", "gsm8k", "alpaca")),
@@ -178,17 +274,41 @@ SPECS = {
     "evaluate": COMMON + EVALUATE,
 }
 REQUIRED = {
-    "align": ("model", "output", "align_data", "harmful_data"),
+    "align": ("model", "output", "align_data"),
     "finetune": ("model", "output", "task", "task_data"),
     "evaluate": ("model", "output"),
 }
+# options only some methods read: given explicitly (flag or --config) to another method, they are an error
+METHOD_OPTIONS = {
+    "align": {
+        "harmful_data": ("antibody", "booster"),
+        "num_harmful": ("antibody", "booster"),
+        "rule": ("antibody", "booster", "sft"),
+        "eta": ("antibody", "booster"),
+        "rho": ("antibody", "booster"),
+        "momentum": ("antibody", "booster"),
+        "lambda_ref": ("antibody", "booster"),
+        "vaccine_rho": ("vaccine",),
+    },
+    "finetune": {
+        "tau": ("antibody",),
+        "refusal_scoring": ("antibody",),
+        "align_data": ("lisa",),
+        "num_align": ("lisa",),
+        "lisa_align_steps": ("lisa",),
+        "lisa_finetune_steps": ("lisa",),
+        "lisa_rho": ("lisa",),
+        "lisa_warmup_fraction": ("lisa",),
+    },
+}
 DESCRIPTIONS = {
-    "align": "Alignment stage: Antibody (align_step), Booster (--rule constant --lambda-ref 0) or safety SFT "
-    "(--rule none) with LoRA.",
-    "finetune": "Fine-tuning stage on a poisoned user set: Antibody (weighted_step) or plain SFT, with a "
-    "per-sample suppression report.",
+    "align": "Alignment stage with LoRA: Antibody (align_step), Booster, Vaccine or safety SFT (--method).",
+    "finetune": "Fine-tuning stage on a poisoned user set: Antibody (weighted_step, with a per-sample "
+    "suppression report), plain SFT or Lisa (--method); continues the alignment adapter by default.",
     "evaluate": "Fine-tune accuracy (FA) on a task test set and harmful score (HS) on harmful prompts.",
 }
+DEFAULT_SOURCE = "default"
+CLI_SOURCE = "command line"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -206,7 +326,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     for o in SPECS[command]:
         flag = "--" + o.name.replace("_", "-")
-        default_txt = f" (default: {o.default})" if o.default not in (None, [], False) else ""
+        default_txt = _default_help(command, o)
         if o.flag:
             p.add_argument(flag, dest=o.name, action="store_true", help=o.help)
         elif o.list_:
@@ -214,6 +334,21 @@ def _parser(command: str) -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, dest=o.name, type=o.type, choices=o.choices, help=o.help + default_txt)
     return p
+
+
+def _show(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _default_help(command: str, o: Opt) -> str:
+    """`` (default: X; --recipe paper: Y)``: where each default comes from, recipe by recipe."""
+    shown = o.default is not None and o.default is not False and o.default != []  # (0 == False: test identity)
+    parts = [f"default: {_show(o.default)}"] if shown else []
+    for name in RECIPES:
+        values = recipe_values(name, command)
+        if name != "default" and o.name in values and values[o.name] != o.default:
+            parts.append(f"--recipe {name}: {_show(values[o.name])}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _read_config(path: str) -> dict:
@@ -280,12 +415,27 @@ def _coerce(o: Opt, value: Any, where: str) -> Any:
 
 
 def parse_options(command: str, argv: Sequence[str]) -> dict[str, Any]:
-    """Resolve the options of ``command``: defaults < ``--config`` file < command-line flags. Validates
-    types, choices, required options and ranges; raises :class:`CLIError`."""
+    """Resolve the options of ``command`` (see :func:`resolve_options`); raises :class:`CLIError`."""
+    return resolve_options(command, argv)[0]
+
+
+def resolve_options(
+    command: str, argv: Sequence[str], *, allow_missing: bool = False
+) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """Resolve the options of ``command``: built-in defaults < ``--recipe`` (align / finetune) < ``--config``
+    file < command-line flags. The parser's defaults are ``SUPPRESS``, so an option counts as given only when
+    it is on the command line or in the file. Validates types, choices, ranges, required options and the
+    options each ``--method`` reads.
+
+    Returns ``(options, sources, missing)``: ``sources[name]`` says where each value came from (``"default"``,
+    ``"recipe paper"``, ``"config FILE"``, ``"command line"``); ``missing`` lists the unmet requirements, which
+    raise :class:`CLIError` unless ``allow_missing`` (``--dry-run``)."""
     ns = vars(_parser(command).parse_args(list(argv)))
     spec = {o.name: o for o in SPECS[command]}
     opts = {name: (list(o.default) if o.list_ else o.default) for name, o in spec.items()}
+    sources = dict.fromkeys(spec, DEFAULT_SOURCE)
     cfg_path = ns.pop("config", None)
+    from_file: dict[str, Any] = {}
     if cfg_path is not None:
         for key, value in _read_config(cfg_path).items():
             name = str(key).replace("-", "_")
@@ -293,16 +443,80 @@ def parse_options(command: str, argv: Sequence[str]) -> dict[str, Any]:
                 raise CLIError(
                     f"{cfg_path}: unknown option {key!r} for {command} (known: {', '.join(sorted(spec))})"
                 )
-            opts[name] = _coerce(spec[name], value, cfg_path)
-    for name, value in ns.items():
-        opts[name] = _coerce(spec[name], value, "command line")
-    missing = [n for n in REQUIRED[command] if opts.get(n) in (None, "")]
-    if missing:
-        raise CLIError(
-            "missing required option(s): " + ", ".join("--" + n.replace("_", "-") for n in missing)
-        )
+            from_file[name] = _coerce(spec[name], value, cfg_path)
+    from_cli = {name: _coerce(spec[name], value, CLI_SOURCE) for name, value in ns.items()}
+    layers = []
+    if "recipe" in spec:
+        recipe = from_cli.get("recipe", from_file.get("recipe", opts["recipe"]))
+        layers.append((f"recipe {recipe}", recipe_values(recipe, command)))
+    layers += [(f"config {cfg_path}", from_file), (CLI_SOURCE, from_cli)]
+    for label, layer in layers:
+        if "epochs" in spec and layer.get("epochs") is not None and "steps" in layer:
+            raise CLIError(f"{label}: give --steps or --epochs, not both")
+        for name, value in layer.items():
+            opts[name], sources[name] = value, label
+        if "epochs" in spec:  # the later layer decides the run's length
+            if "steps" in layer:
+                opts["epochs"], sources["epochs"] = None, label
+            elif layer.get("epochs") is not None:
+                opts["steps"], sources["steps"] = None, label + " (from --epochs)"
     _check_ranges(command, opts)
-    return opts
+    if command in METHOD_OPTIONS:
+        _resolve_method(command, opts, sources)
+    missing = _missing(command, opts)
+    if missing and not allow_missing:
+        raise CLIError(missing[0])
+    return opts, sources, missing
+
+
+def _given(sources: dict, name: str) -> bool:
+    """Whether ``name`` was given by the user (a flag or the config file), not a default or a recipe."""
+    return sources[name] == CLI_SOURCE or sources[name].startswith("config ")
+
+
+def _resolve_method(command: str, opts: dict, sources: dict) -> None:
+    """Reject options the chosen ``--method`` does not read (when given explicitly) and fill in the values the
+    method implies (align: the λ rule and λ_ref)."""
+    method = opts["method"]
+    for name, methods in METHOD_OPTIONS[command].items():
+        if method not in methods and _given(sources, name) and opts[name] not in (None, []):
+            users = " / ".join(methods)
+            raise CLIError(f"--{name.replace('_', '-')} is an option of --method {users}, not of {method}")
+    if command != "align":
+        return
+    implied = {"antibody": (None, 0.05), "booster": ("constant", 0.0), "sft": ("none", None)}.get(method)
+    if implied is None:  # vaccine
+        return
+    rule, lambda_ref = implied
+    if rule is not None and _given(sources, "rule") and opts["rule"] != rule:
+        raise CLIError(f"--method {method} uses --rule {rule}, got --rule {opts['rule']}")
+    if method == "booster" and _given(sources, "lambda_ref") and opts["lambda_ref"] != 0:
+        raise CLIError(
+            f"--method booster has no refusal term (lambda_ref 0), got --lambda-ref {opts['lambda_ref']}"
+        )
+    if rule is not None:
+        opts["rule"] = rule
+    elif opts["rule"] is None:
+        opts["rule"] = "cosine"
+    if method == "booster" or opts["lambda_ref"] is None:
+        opts["lambda_ref"] = lambda_ref if lambda_ref is not None else 0.0
+        sources["lambda_ref"] = f"--method {method}"
+
+
+def _missing(command: str, o: dict) -> list[str]:
+    """Unmet requirements (required options, data a method needs), as error messages."""
+    out = []
+    missing = [n for n in REQUIRED[command] if o.get(n) in (None, "")]
+    if missing:
+        out.append("missing required option(s): " + ", ".join("--" + n.replace("_", "-") for n in missing))
+    if command == "align" and o["method"] in ("antibody", "booster") and not o.get("harmful_data"):
+        out.append(f"--method {o['method']} needs --harmful-data")
+    if command == "finetune":
+        if o["harmful_ratio"] > 0 and not o.get("harmful_data"):
+            out.append("--harmful-ratio > 0 needs --harmful-data")
+        if o["method"] == "lisa" and not o.get("align_data"):
+            out.append("--method lisa needs --align-data (Lisa's alignment state)")
+    return out
 
 
 def _check_ranges(command: str, o: dict) -> None:
@@ -323,6 +537,7 @@ def _check_ranges(command: str, o: dict) -> None:
         "num_harmful",
         "num_eval",
         "max_new_tokens",
+        "epochs",
     ):
         positive(name)
     if o.get("max_length") is not None and o["max_length"] < 2:
@@ -339,10 +554,25 @@ def _check_ranges(command: str, o: dict) -> None:
         p = o["harmful_ratio"]
         if not (math.isfinite(p) and 0.0 <= p <= 1.0):
             raise CLIError(f"--harmful-ratio must be in [0, 1], got {p}")
-        if p > 0 and not o.get("harmful_data"):
-            raise CLIError("--harmful-ratio > 0 needs --harmful-data")
         if not (math.isfinite(o["tau"]) and o["tau"] > 0):
             raise CLIError(f"--tau must be > 0, got {o['tau']}")
+        for name in ("lisa_align_steps", "lisa_finetune_steps"):
+            if o[name] < 0:
+                raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {o[name]}")
+        if o["lisa_align_steps"] + o["lisa_finetune_steps"] == 0:
+            raise CLIError("--lisa-align-steps + --lisa-finetune-steps must be > 0")
+        if not (math.isfinite(o["lisa_rho"]) and o["lisa_rho"] >= 0):
+            raise CLIError(f"--lisa-rho must be a finite number >= 0, got {o['lisa_rho']}")
+        w = o["lisa_warmup_fraction"]
+        if not (math.isfinite(w) and 0.0 <= w <= 1.0):
+            raise CLIError(f"--lisa-warmup-fraction must be in [0, 1], got {w}")
+    if command == "align":
+        for name in ("eta", "rho", "momentum", "vaccine_rho", "lambda_ref"):
+            v = o[name]
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise CLIError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        if not o["momentum"] < 1:
+            raise CLIError(f"--momentum must be in [0, 1), got {o['momentum']}")
     if command == "evaluate":
         if not o.get("task_data") and not o.get("harmful_prompts"):
             raise CLIError("nothing to evaluate: give --task-data (with --task) and/or --harmful-prompts")
@@ -466,7 +696,7 @@ def _check_model_source(model: str) -> None:
         )
 
 
-def _load_model(opts: dict, device, *, train: bool):
+def _load_model(opts: dict, device, *, train: bool, adapter_mode: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -481,17 +711,25 @@ def _load_model(opts: dict, device, *, train: bool):
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise CLIError(f"--model {model_id!r}: the tokenizer has no EOS token")
-    for path in opts["adapter"]:
-        from peft import PeftModel
+    from .models import add_lora, load_adapter, merge_adapter
 
+    adapters = list(opts["adapter"])
+    continued = adapters.pop() if train and adapter_mode == "continue" and adapters else None
+    for path in adapters:  # merged into the weights, in order
         try:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            model = merge_adapter(model, path)
         except Exception as e:
             raise CLIError(f"--adapter {path!r}: cannot load it onto {model_id!r}: {e}") from None
     model.to(device)
-    if train:
-        from .models import add_lora
-
+    if not train:
+        model.eval()
+        return model, tokenizer
+    if continued is not None:  # the authors' single LoRA: keep training the alignment adapter
+        try:
+            model = load_adapter(model, continued, trainable=True)
+        except Exception as e:
+            raise CLIError(f"--adapter {continued!r}: cannot load it onto {model_id!r}: {e}") from None
+    else:
         for p in model.parameters():
             p.requires_grad_(False)
         model = add_lora(
@@ -501,10 +739,8 @@ def _load_model(opts: dict, device, *, train: bool):
             seed=opts["seed"],
             alpha=opts["lora_alpha"],
         )
-        model.to(device)
-        model.train()
-    else:
-        model.eval()
+    model.to(device)
+    model.train()
     return model, tokenizer
 
 
@@ -512,6 +748,64 @@ def _check_adapters(opts: dict) -> None:
     for path in opts["adapter"]:
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise CLIError(f"--adapter {path!r}: not a PEFT adapter directory (no adapter_config.json)")
+
+
+def _adapter_mode(opts: dict, sources: dict) -> tuple[str | None, str]:
+    """``(mode, why)`` for ``finetune``: ``None`` without ``--adapter`` (a fresh LoRA); an explicit
+    ``--adapter-mode``; else ``merge`` when the last adapter's metadata says ``align --method vaccine`` made it
+    (the authors' pipeline), ``continue`` otherwise (Antibody, Booster, SFT, and adapters without metadata)."""
+    from .models import read_adapter_metadata
+
+    if not opts["adapter"]:
+        if opts["adapter_mode"] is not None and _given(sources, "adapter_mode"):
+            raise CLIError("--adapter-mode needs --adapter (without one, fine-tuning trains a fresh LoRA)")
+        return None, "no --adapter: a fresh LoRA"
+    if opts["adapter_mode"] is not None:
+        mode, why = opts["adapter_mode"], f"--adapter-mode {opts['adapter_mode']} ({sources['adapter_mode']})"
+    else:
+        path = opts["adapter"][-1]
+        try:
+            meta = read_adapter_metadata(path) if os.path.isdir(path) else {}
+        except ValueError as e:
+            raise CLIError(f"--adapter {path!r}: {e}") from None
+        made_by = meta.get("method") if meta.get("command", "align") == "align" else None
+        mode = "merge" if made_by == "vaccine" else "continue"
+        why = (
+            f"the adapter was made by align --method {made_by}"
+            if made_by
+            else "the adapter records no alignment method"
+        ) + f": {mode} (the authors' pipeline)"
+    if mode == "continue":
+        _check_continued_lora(opts, sources, opts["adapter"][-1])
+    return mode, why
+
+
+def _check_continued_lora(opts: dict, sources: dict, path: str) -> None:
+    """``continue`` trains the adapter with its own rank, alpha and targets: an explicit ``--lora-r``,
+    ``--lora-alpha`` or ``--lora-targets`` that contradicts its ``adapter_config.json`` is an error."""
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return  # reported when the adapter is checked / loaded
+    r = saved.get("r")
+    have = {
+        "lora_r": r,
+        "lora_alpha": saved.get("lora_alpha"),
+        "lora_targets": sorted(saved.get("target_modules") or []),
+    }
+    want = {
+        "lora_r": opts["lora_r"],
+        "lora_alpha": opts["lora_alpha"] if opts["lora_alpha"] is not None else 2 * opts["lora_r"],
+        "lora_targets": sorted(opts["lora_targets"]),
+    }
+    for name in ("lora_r", "lora_alpha", "lora_targets"):
+        if _given(sources, name) and have[name] is not None and want[name] != have[name]:
+            raise CLIError(
+                f"--{name.replace('_', '-')} {_show(want[name])} differs from the adapter's {_show(have[name])} "
+                f"({path}): --adapter-mode continue trains that adapter as it is; drop the option or pass "
+                "--adapter-mode merge"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -528,12 +822,17 @@ def _atomic_write_text(path: str, text: str) -> None:
         raise
 
 
-def _save_adapter(model, out_dir: str) -> str:
-    """PEFT ``save_pretrained`` into a temporary directory, then renamed to ``out_dir/adapter``."""
+def _save_adapter(model, out_dir: str, metadata: dict | None = None) -> str:
+    """PEFT ``save_pretrained`` into a temporary directory, plus ``metadata`` (which command and method made
+    the adapter: :func:`antibody_fast.models.write_adapter_metadata`), then renamed to ``out_dir/adapter``."""
+    from .models import write_adapter_metadata
+
     final = os.path.join(out_dir, "adapter")
     tmp = tempfile.mkdtemp(prefix=".tmp-adapter.", dir=out_dir)
     try:
         model.save_pretrained(tmp)
+        if metadata:
+            write_adapter_metadata(tmp, **metadata)
         if os.path.exists(final):
             old = final + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -745,25 +1044,44 @@ def _template(prompt: str, opts: dict) -> str:
     return prompt if opts["no_template"] else alpaca_prompt(prompt)
 
 
+class _Stats:
+    """A step's statistics as a dict of device tensors (the baselines' :class:`BaselineStats`: ``loss``,
+    ``grad_norm`` and its ``extra``), with :meth:`as_dict` like :class:`~antibody_fast.steps.StepStats`."""
+
+    def __init__(self, stats, **more):
+        self.tensors = {"loss": stats.loss, "grad_norm": stats.grad_norm, **stats.extra, **more}
+
+    def as_dict(self) -> dict:
+        out = {}
+        for k, v in self.tensors.items():
+            if hasattr(v, "detach"):
+                v = v.detach().cpu()
+                v = v.item() if v.dim() == 0 else v.tolist()
+            out[k] = v
+        return out
+
+
 def _train_loop(
-    opts, command, model, scheduler, out_dir, resumed, start, make_batch, do_step, log_fields, save
+    opts, command, model, scheduler, out_dir, resumed, start, make_batch, do_step, log_fields, save, run_info
 ) -> bool:
     """The loop `align` and `finetune` share: progress bar, metrics JSONL (host copies on logged steps only),
     checkpoints every ``--save-every`` steps, ``--stop-after``, and the final adapter + checkpoint.
 
-    ``make_batch(step) -> (batch on the device, real tokens)``, ``do_step(batch) -> StepStats``,
-    ``log_fields(stats_dict) -> (metrics fields, progress-bar fields)``, ``save(step)`` writes the checkpoint.
-    Returns False when stopped early by ``--stop-after`` (a checkpoint to resume from is left), else True.
+    ``make_batch(step) -> (batch on the device, real tokens)``, ``do_step(batch) -> StepStats`` (or anything
+    with ``as_dict()``), ``log_fields(stats_dict) -> (metrics fields, progress-bar fields)``, ``save(step)``
+    writes the checkpoint. ``run_info`` (a dict: ``option_sources``, the resolved adapter mode, dropped samples,
+    ...) goes into ``run_config.json`` after the options. Returns False when stopped early by ``--stop-after``
+    (a checkpoint to resume from is left), else True.
     """
     main = _WORLD.main
     if main:
         os.makedirs(out_dir, exist_ok=True)
-        config = {"command": command, **opts, "world_size": _WORLD.size}
+        config = {"command": command, **opts, "world_size": _WORLD.size, **run_info}
         _atomic_write_text(os.path.join(out_dir, "run_config.json"), json.dumps(config, indent=2))
     metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start if resumed else None) if main else None
     total = opts["steps"]
     end = total if opts["stop_after"] is None else min(total, start + opts["stop_after"])
-    label = command if command == "align" else f"{command} ({opts['method']})"
+    label = f"{command} ({opts['method']})"
     bar = _progress({**opts, "no_progress": opts["no_progress"] or not main}, total, start, label)
     try:
         for step in range(start, end):
@@ -799,7 +1117,15 @@ def _train_loop(
             _say(f"{command}: stopped after step {end}/{total}; resume with --resume")
         return False
     if main:
-        _save_adapter(model, out_dir)
+        meta = {
+            "command": command,
+            "method": opts["method"],
+            "recipe": opts["recipe"],
+            "base_model": opts["model"],
+        }
+        if "adapter_mode" in run_info:
+            meta["adapter_mode"] = run_info["adapter_mode"]
+        _save_adapter(model, out_dir, meta)
     _WORLD.barrier()
     return True
 
@@ -823,71 +1149,176 @@ def _training_device(opts: dict):
     return device
 
 
-def _run_align(opts: dict) -> int:
+def _refusal_pool(opts: dict) -> list[str] | None:
+    """``--refusals FILE`` read with :func:`~antibody_fast.data.load_refusals` (``None``: the shipped pool)."""
+    if not opts["refusals"]:
+        return None
+    from .data.loaders import load_refusals
+
+    return load_refusals(opts["refusals"])
+
+
+def _collator_args(opts: dict, tokenizer, refusals) -> dict:
+    return {
+        "tokenizer": tokenizer,
+        "refusals": refusals,
+        "max_length": opts["max_length"],
+        "truncation": opts["truncation"],
+    }
+
+
+def _resolve_steps(opts: dict, n: int, global_batch: int) -> int:
+    """``--steps``, or ``--epochs`` x ceil(n / global batch) (the authors' HF Trainer: ceil(n / batch) steps per
+    epoch); written back into ``opts["steps"]``."""
+    if opts["epochs"] is not None:
+        opts["steps"] = opts["epochs"] * math.ceil(n / global_batch)
+    return opts["steps"]
+
+
+def _kept(split, what: str, total: int) -> list:
+    kept, dropped = split
+    if not kept:
+        raise CLIError(f"{what}: every one of the {total} samples is overlong (--drop-overlong left none)")
+    return kept
+
+
+def _amp_for(opts: dict, device, method: str):
+    """The autocast dtype; Vaccine's and Lisa's steps have no autocast option: ``auto`` gives none for them
+    and an explicit ``--amp bf16|fp16`` is an error."""
+    if method in ("vaccine", "lisa"):
+        if opts["amp"] in ("bf16", "fp16"):
+            raise CLIError(
+                f"--amp {opts['amp']}: --method {method} runs without autocast (use --dtype instead)"
+            )
+        return None
+    return _amp(opts, device)
+
+
+def _run_align(opts: dict, sources: dict) -> int:
     from .data.loaders import load_alignment, load_harmful
 
+    method = opts["method"]
+    two_sets = method in ("antibody", "booster")  # align_step: A, H and R; sft / vaccine: A only
     out_dir, ckpt = _prepare_output(opts, "align")
-    align = load_alignment(opts["align_data"], limit=opts["num_align"])
-    harmful = load_harmful(opts["harmful_data"], limit=opts["num_harmful"])
-    align, harmful = _templated(align, opts), _templated(harmful, opts)
+    align = _templated(load_alignment(opts["align_data"], limit=opts["num_align"]), opts)
+    harmful = (
+        _templated(load_harmful(opts["harmful_data"], limit=opts["num_harmful"]), opts) if two_sets else None
+    )
+    refusals = _refusal_pool(opts)
     device = _training_device(opts)
+    amp_dtype = _amp_for(opts, device, method)
 
+    from .baselines import vaccine_step
     from .checkpoint import load_checkpoint, save_checkpoint
     from .data import AlignCollator
-    from .steps import AlignConfig, AlignState, align_step
+    from .steps import AlignConfig, AlignState, FinetuneConfig, align_step, sft_step
 
-    config = AlignConfig(
-        rule=opts["rule"],
-        eta=opts["eta"],
-        rho=opts["rho"],
-        lambda_ref=opts["lambda_ref"],
-        momentum=opts["momentum"],
-        max_grad_norm=opts["max_grad_norm"] or None,
-        amp_dtype=_amp(opts, device),
-        impl=opts["impl"],
+    config = None
+    if two_sets:
+        config = AlignConfig(
+            rule=opts["rule"],
+            eta=opts["eta"],
+            rho=opts["rho"],
+            lambda_ref=opts["lambda_ref"],
+            momentum=opts["momentum"],
+            max_grad_norm=opts["max_grad_norm"] or None,
+            amp_dtype=amp_dtype,
+            impl=opts["impl"],
+        )
+        config.check()
+    sft_config = FinetuneConfig(
+        max_grad_norm=opts["max_grad_norm"] or None, amp_dtype=amp_dtype, impl=opts["impl"]
     )
-    config.check()
     model, tokenizer = _load_model(opts, device, train=True)
-    collator = AlignCollator(tokenizer, max_length=opts["max_length"])
+    collator = AlignCollator(**_collator_args(opts, tokenizer, refusals))
+    what = opts["align_data"] + (" / " + opts["harmful_data"] if two_sets else "")
+    dropped = {}
+    if opts["drop_overlong"]:
+        try:
+            split_a, split_h = collator.split_overlong(align, harmful)
+        except (ValueError, TypeError) as e:
+            raise CLIError(f"{what}: {e}") from None
+        n_a, n_h = len(align), len(harmful or ())
+        align = _kept(split_a, opts["align_data"], n_a)
+        dropped["align"] = n_a - len(align)
+        if two_sets:
+            harmful = _kept(split_h, opts["harmful_data"], n_h)
+            dropped["harmful"] = n_h - len(harmful)
     chunk = 64
-    _precheck(
-        collator,
-        [(align[i : i + chunk], harmful[: min(chunk, len(harmful))]) for i in range(0, len(align), chunk)]
-        + [(align[:1], harmful[i : i + chunk]) for i in range(0, len(harmful), chunk)],
-        opts["align_data"] + " / " + opts["harmful_data"],
-    )
-    _sync_trainable(model)
-    optimizer, scheduler = _optimizer(model, opts, opts["steps"])
-    state = AlignState()
-    start = 0
+    if two_sets:
+        _precheck(
+            collator,
+            [(align[i : i + chunk], harmful[: min(chunk, len(harmful))]) for i in range(0, len(align), chunk)]
+            + [(align[:1], harmful[i : i + chunk]) for i in range(0, len(harmful), chunk)],
+            what,
+        )
+    else:
+        _precheck(collator.align_batch, [(align[i : i + chunk],) for i in range(0, len(align), chunk)], what)
     bs, seed = opts["batch_size"], opts["seed"]
     rank, world = _WORLD.rank, _WORLD.size
+    total = _resolve_steps(opts, len(align), bs * world)
+    _sync_trainable(model)
+    optimizer, scheduler = _optimizer(model, opts, total)
+    state = AlignState() if two_sets else None  # λ's EMA (Antibody; Booster keeps it constant)
+    start = 0
     if ckpt is not None:
         extra = load_checkpoint(ckpt, model, optimizer, scheduler, state)
-        start = _checked_extra(extra, "align", ckpt, bs * world)["step"]
+        start = _checked_extra(extra, "align", ckpt, bs * world, method)["step"]
 
     def make_batch(step):  # this rank's slice of the step's global batch
         pos = (step * world + rank) * bs
-        a_idx = _order(len(align), seed, pos, bs)
+        a = [align[i] for i in _order(len(align), seed, pos, bs)]
+        if not two_sets:
+            batch = collator.align_batch(a)  # CPU tensors
+            return batch.to(device), int(batch.attention_mask.sum())
         h_idx = _order(len(harmful), seed + 1, pos, bs)
-        batch = collator([align[i] for i in a_idx], [harmful[i] for i in h_idx])  # CPU tensors
+        batch = collator(a, [harmful[i] for i in h_idx])  # CPU tensors
         ntok = int(sum(b.attention_mask.sum() for b in (batch.align, batch.harmful, batch.refusal)))
         return batch.to(device), ntok
 
-    keys = ("loss", "grad_norm", "lambda_t", "lambda_raw", "cos", "loss_align", "loss_harmful")
-    keys += ("loss_perturbed", "loss_refusal")
+    def do_step(batch):
+        if method == "vaccine":
+            stats = vaccine_step(
+                model,
+                batch,
+                optimizer,
+                rho=opts["vaccine_rho"],
+                max_grad_norm=opts["max_grad_norm"] or None,
+                scheduler=scheduler,
+                impl=opts["impl"],
+            )
+            return _Stats(stats)
+        if method == "sft":
+            return sft_step(model, batch, optimizer, sft_config, scheduler)
+        return align_step(model, batch, optimizer, state, config, scheduler)
+
+    keys = ("loss", "grad_norm", "lambda_t", "lambda_raw", "cos", "loss_align", "loss_combined")
+    keys += ("loss_harmful", "loss_perturbed", "loss_refusal", "clean_loss", "perturbation_grad_norm")
 
     def log_fields(s):
-        post = {"lambda_t": f"{s.get('lambda_t', 0.0):.3g}", "loss": f"{s['loss']:.4g}"}
+        post = {"loss": f"{s['loss']:.4g}"}
+        if two_sets:
+            post["lambda_t"] = f"{s.get('lambda_t', 0.0):.3g}"
         return {k: s[k] for k in keys if k in s}, post
 
     def save(step):
         if _WORLD.main:
             path = os.path.join(out_dir, "checkpoint.pt")
-            extra = {"command": "align", "step": step, "global_batch": bs * world}
+            extra = {"command": "align", "method": method, "step": step, "global_batch": bs * world}
             save_checkpoint(path, model, optimizer, scheduler, state, extra=extra)
         _WORLD.barrier()
 
+    run_info = {"option_sources": sources, "num_align_used": len(align)}
+    if two_sets:
+        run_info["num_harmful_used"] = len(harmful)
+    if opts["drop_overlong"]:
+        run_info["dropped_overlong"] = dropped
+        if _WORLD.main:
+            _say(
+                "align: --drop-overlong left out "
+                + ", ".join(f"{v} {k}" for k, v in dropped.items())
+                + " samples"
+            )
     finished = _train_loop(
         opts,
         "align",
@@ -897,12 +1328,13 @@ def _run_align(opts: dict) -> int:
         ckpt is not None,
         start,
         make_batch,
-        lambda batch: align_step(model, batch, optimizer, state, config, scheduler),
+        do_step,
         log_fields,
         save,
+        run_info,
     )
     if finished and _WORLD.main:
-        _say(f"align: {opts['steps']} steps done; adapter in {os.path.join(out_dir, 'adapter')}")
+        _say(f"align ({method}): {total} steps done; adapter in {os.path.join(out_dir, 'adapter')}")
     return 0
 
 
@@ -916,13 +1348,18 @@ def _precheck(collate, batches: list, what: str) -> None:
             raise CLIError(f"{what}: {e}") from None
 
 
-def _checked_extra(extra, command: str, path: str, global_batch: int) -> dict:
+def _checked_extra(extra, command: str, path: str, global_batch: int, method: str) -> dict:
     if (
         not isinstance(extra, dict)
         or extra.get("command") != command
         or not isinstance(extra.get("step"), int)
     ):
         raise CLIError(f"--resume: {path!r} is not a checkpoint of `antibody-fast {command}`")
+    saved_method = extra.get("method", "antibody" if command == "align" else method)
+    if saved_method != method:
+        raise CLIError(
+            f"--resume: {path!r} was written by --method {saved_method}, this run is --method {method}"
+        )
     saved = extra.get("global_batch", global_batch)
     if saved != global_batch:
         raise CLIError(
@@ -932,9 +1369,20 @@ def _checked_extra(extra, command: str, path: str, global_batch: int) -> dict:
     return extra
 
 
-def _run_finetune(opts: dict) -> int:
-    from .data.loaders import build_poisoned_set, load_harmful, load_task
+def _phase_steps_before(cfg, step: int, phase: str) -> int:
+    """How many of Lisa's steps ``0 .. step-1`` are in ``phase`` (``LisaState.phase``'s alternation), so that
+    each state's data continues where its previous state stopped."""
+    first = cfg.align_steps if cfg.first_phase == "align" else cfg.finetune_steps
+    cycles, rem = divmod(step, cfg.align_steps + cfg.finetune_steps)
+    n_first = cycles * first + min(rem, first)
+    return n_first if phase == cfg.first_phase else step - n_first
 
+
+def _run_finetune(opts: dict, sources: dict) -> int:
+    from .data.loaders import build_poisoned_set, load_alignment, load_harmful, load_task
+
+    method = opts["method"]
+    antibody, lisa = method == "antibody", method == "lisa"
     out_dir, ckpt = _prepare_output(opts, "finetune")
     task = load_task(opts["task"], opts["task_data"])
     harmful = load_harmful(opts["harmful_data"]) if opts["harmful_ratio"] > 0 else []
@@ -944,12 +1392,17 @@ def _run_finetune(opts: dict) -> int:
         )
     except ValueError as e:
         raise CLIError(str(e)) from None
+    align = _templated(load_alignment(opts["align_data"], limit=opts["num_align"]), opts) if lisa else []
+    refusals = _refusal_pool(opts)
+    adapter_mode, adapter_why = _adapter_mode(opts, sources)
     device = _training_device(opts)
+    amp_dtype = _amp_for(opts, device, method)
 
     import torch
 
+    from .baselines import LisaConfig, LisaState, lisa_step
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import FinetuneCollator
+    from .data import AlignCollator, FinetuneCollator
     from .distributed import all_reduce_sum
     from .steps import FinetuneConfig, sft_step, weighted_step
 
@@ -957,38 +1410,85 @@ def _run_finetune(opts: dict) -> int:
         tau=opts["tau"],
         max_grad_norm=opts["max_grad_norm"] or None,
         refusal_scoring=opts["refusal_scoring"],
-        amp_dtype=_amp(opts, device),
+        amp_dtype=amp_dtype,
         impl=opts["impl"],
     )
     config.check()
-    antibody = opts["method"] == "antibody"
-    model, tokenizer = _load_model(opts, device, train=True)
-    collator = FinetuneCollator(tokenizer, max_length=opts["max_length"])
-    _precheck(collator, [(examples[i : i + 64],) for i in range(0, len(examples), 64)], "user data")
-    _sync_trainable(model)
-    optimizer, scheduler = _optimizer(model, opts, opts["steps"])
-    n = len(examples)
-    sum_w = torch.zeros(n, dtype=torch.float64, device=device)
-    count = torch.zeros(n, dtype=torch.float64, device=device)
-    start = 0
+    model, tokenizer = _load_model(opts, device, train=True, adapter_mode=adapter_mode)
+    collator = FinetuneCollator(**_collator_args(opts, tokenizer, refusals))
+    align_collator = AlignCollator(**_collator_args(opts, tokenizer, refusals)) if lisa else None
+    kept, dropped = examples, {}
+    if opts["drop_overlong"]:
+        try:
+            kept = _kept(collator.split_overlong(examples), "user data", len(examples))
+            dropped["user"] = len(examples) - len(kept)
+            if lisa:
+                n_a = len(align)
+                align = _kept(align_collator.split_overlong(align)[0], opts["align_data"], n_a)
+                dropped["align"] = n_a - len(align)
+        except (ValueError, TypeError) as e:
+            raise CLIError(f"user data: {e}") from None
+    _precheck(collator, [(kept[i : i + 64],) for i in range(0, len(kept), 64)], "user data")
+    if lisa:
+        _precheck(
+            align_collator.align_batch,
+            [(align[i : i + 64],) for i in range(0, len(align), 64)],
+            opts["align_data"],
+        )
+    n_all, n = len(examples), len(kept)  # the report covers every sample; training samples the kept ones
     bs, seed = min(opts["batch_size"], n), opts["seed"]
     rank, world = _WORLD.rank, _WORLD.size
+    total = _resolve_steps(opts, n, bs * world)
+    lisa_config = lisa_state = None
+    if lisa:
+        lisa_config = LisaConfig(
+            align_steps=opts["lisa_align_steps"],
+            finetune_steps=opts["lisa_finetune_steps"],
+            rho=opts["lisa_rho"],
+            max_grad_norm=opts["max_grad_norm"] or None,
+            warmup_fraction=opts["lisa_warmup_fraction"],
+            total_steps=total,
+        )
+        lisa_config.validate()
+        lisa_state = LisaState()
+    _sync_trainable(model)
+    optimizer, scheduler = _optimizer(model, opts, total)
+    sum_w = torch.zeros(n_all, dtype=torch.float64, device=device)
+    count = torch.zeros(n_all, dtype=torch.float64, device=device)
+    start = 0
     if ckpt is not None:
-        extra = load_checkpoint(ckpt, model, optimizer, scheduler)
-        start = _checked_extra(extra, "finetune", ckpt, bs * world)["step"]
-        if extra["sum_w"].shape != (n,):
+        extra = load_checkpoint(ckpt, model, optimizer, scheduler, lisa_state)
+        start = _checked_extra(extra, "finetune", ckpt, bs * world, method)["step"]
+        if extra["sum_w"].shape != (n_all,):
             raise CLIError(
-                f"--resume: {ckpt!r} was written for {extra['sum_w'].shape[0]} user samples, not {n}"
+                f"--resume: {ckpt!r} was written for {extra['sum_w'].shape[0]} user samples, not {n_all}"
             )
         if _WORLD.main:  # the saved sums are global: one rank holds them, the others restart from zero
             sum_w.copy_(extra["sum_w"])
             count.copy_(extra["count"])
+        if lisa and lisa_state.anchor is not None:  # checkpoints hold CPU copies
+            lisa_state.anchor = [a.to(device) for a in lisa_state.anchor]
 
     def make_batch(step):  # this rank's slice of the step's global batch; CPU tensors
-        batch = collator([examples[i] for i in _order(n, seed, (step * world + rank) * bs, bs)])
+        k = step
+        if lisa:
+            phase = lisa_state.phase(lisa_config, step)
+            k = _phase_steps_before(lisa_config, step, phase)
+            if phase == "align":
+                idx = _order(len(align), seed + 2, (k * world + rank) * bs, bs)
+                batch = align_collator.align_batch([align[i] for i in idx])
+                return batch.to(device), int(batch.attention_mask.sum())
+        batch = collator([kept[i] for i in _order(n, seed, (k * world + rank) * bs, bs)])
         return batch.to(device), int(batch.attention_mask.sum())
 
     def do_step(batch):
+        if lisa:
+            phase = lisa_state.phase(lisa_config)
+            lm = batch.answer_view() if hasattr(batch, "answer_view") else batch
+            stats = lisa_step(
+                model, lm, optimizer, lisa_state, lisa_config, scheduler=scheduler, impl=opts["impl"]
+            )
+            return _Stats(stats, lisa_phase=phase)
         if not antibody:
             return sft_step(model, batch, optimizer, config, scheduler)
         stats = weighted_step(model, batch, optimizer, config, scheduler)
@@ -999,6 +1499,9 @@ def _run_finetune(opts: dict) -> int:
     def log_fields(s):
         row = {"loss": s["loss"], "grad_norm": s["grad_norm"]}
         post = {"loss": f"{s['loss']:.4g}"}
+        if lisa:
+            row.update(proximal=s["proximal"], lisa_phase=s["lisa_phase"])
+            post["state"] = s["lisa_phase"]
         if antibody:
             w = s["weights"]
             row.update(
@@ -1021,11 +1524,28 @@ def _run_finetune(opts: dict) -> int:
     def save(step):
         total_w, total_c = global_sums()  # every rank joins the reduction; rank 0 writes
         if _WORLD.main:
-            extra = {"command": "finetune", "step": step, "global_batch": bs * world}
+            extra = {"command": "finetune", "method": method, "step": step, "global_batch": bs * world}
             extra.update(sum_w=total_w.cpu(), count=total_c.cpu())
-            save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model, optimizer, scheduler, extra=extra)
+            path = os.path.join(out_dir, "checkpoint.pt")
+            save_checkpoint(path, model, optimizer, scheduler, lisa_state, extra=extra)
         _WORLD.barrier()
 
+    run_info = {
+        "option_sources": sources,
+        "adapter_mode": adapter_mode,
+        "adapter_mode_reason": adapter_why,
+        "num_train_samples": n,
+    }
+    if lisa:
+        run_info["lisa"] = {"total_steps": total, "num_align_used": len(align)}
+    if opts["drop_overlong"]:
+        run_info["dropped_overlong"] = dropped
+        if _WORLD.main:
+            _say(
+                "finetune: --drop-overlong left out "
+                + ", ".join(f"{v} {k}" for k, v in dropped.items())
+                + " samples"
+            )
     if not _train_loop(
         opts,
         "finetune",
@@ -1038,6 +1558,7 @@ def _run_finetune(opts: dict) -> int:
         do_step,
         log_fields,
         save,
+        run_info,
     ):
         return 0
     if not antibody:
@@ -1049,7 +1570,8 @@ def _run_finetune(opts: dict) -> int:
         summary = _suppression_outputs(out_dir, examples, total_w, total_c, bs * world)
     if not _WORLD.main:
         return 0
-    msg = f"finetune: {opts['steps']} steps done; adapter in {os.path.join(out_dir, 'adapter')}"
+    mode = f", adapter {adapter_mode}" if adapter_mode else ""
+    msg = f"finetune ({method}{mode}): {total} steps done; adapter in {os.path.join(out_dir, 'adapter')}"
     if summary and summary.get("auroc_benign_vs_harmful") is not None:
         msg += f"; suppression AUROC (benign vs harmful) = {summary['auroc_benign_vs_harmful']:.3f}"
     _say(msg)
@@ -1123,6 +1645,24 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def _dry_run(command: str, opts: dict, sources: dict, missing: list[str]) -> int:
+    """``--dry-run``: print the resolved configuration as JSON on stdout (options, where each came from, what
+    is still missing, and for ``finetune`` the adapter mode) and return 0; loads no model and no data."""
+    out = {
+        "command": command,
+        "recipe": opts["recipe"],
+        "options": {k: v for k, v in opts.items() if k != "dry_run"},
+        "sources": {k: v for k, v in sources.items() if k != "dry_run"},
+        "missing": missing,
+    }
+    if opts["epochs"] is not None:
+        out["steps_rule"] = f"{opts['epochs']} epochs x ceil(training samples / (batch size x processes))"
+    if command == "finetune" and opts["adapter"]:
+        out["adapter_mode"], out["adapter_mode_reason"] = _adapter_mode(opts, sources)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 RUNNERS = {"align": _run_align, "finetune": _run_finetune, "evaluate": _run_evaluate}
 
 
@@ -1139,11 +1679,23 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
     from .data.loaders import DataError
 
     try:
-        opts = parse_options(command, list(sys.argv[1:] if argv is None else argv))
-        if command == "evaluate" and _launched_world_size() > 1:
-            raise CLIError("evaluate runs in one process: launch it without torchrun (WORLD_SIZE > 1 here)")
+        args = list(sys.argv[1:] if argv is None else argv)
+        if command == "evaluate":
+            opts = parse_options(command, args)
+            if _launched_world_size() > 1:
+                raise CLIError(
+                    "evaluate runs in one process: launch it without torchrun (WORLD_SIZE > 1 here)"
+                )
+            runner = lambda: _run_evaluate(opts)  # noqa: E731
+        else:
+            opts, sources, missing = resolve_options(command, args, allow_missing=True)
+            if opts["dry_run"]:
+                return _dry_run(command, opts, sources, missing)
+            if missing:
+                raise CLIError(missing[0])
+            runner = lambda: RUNNERS[command](opts, sources)  # noqa: E731
         try:
-            return RUNNERS[command](opts)
+            return runner()
         finally:
             _WORLD.close()
     except SystemExit as e:  # --help

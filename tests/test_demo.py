@@ -144,6 +144,20 @@ def test_quick_outputs_exist_and_are_well_formed(quick):
         assert line.startswith(f"| {r['label']} | {r['hs']:.1f} | {r['fa']:.1f} |")
 
 
+def test_adapter_modes_follow_the_authors(quick):
+    """Fine-tuning keeps training the alignment adapter (continue) after every alignment except Vaccine's, which
+    is merged before a fresh adapter; the report states the mode of each row."""
+    out, _, report = quick
+    modes = {r["method"]: r["adapter_mode"] for r in report["methods"]}
+    assert modes == {"sft": "continue", "vaccine": "merge", "lisa": "continue", "booster": "continue",
+                     "antibody": "continue"}  # fmt: skip
+    md = open(os.path.join(out, "report.md")).read()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[0].rstrip().endswith("| Adapter in fine-tuning |")
+    for line, r in zip(rows[1:], report["methods"]):
+        assert line.rstrip().endswith(f"| {r['adapter_mode']} |"), line
+
+
 def test_quick_is_reproducible(quick, tmp_path):
     _, _, first = quick
     rc, second = _run(tmp_path)
@@ -282,10 +296,11 @@ def test_default_run_is_sensible(default_report):
 @pytest.mark.slow
 @pytest.mark.xfail(
     reason="issue 7's acceptance criterion, NOT met by the measured default run: with 20% harmful samples every "
-    "method ends at HS 100% on this toy (seed 0; also seeds 1-4, see the README). Measured cause: Antibody's and "
-    "Booster's alignment stalls at P(refusal) ~0.7 (SFT: 0.998) because cos(g_a, g_s) ~ -0.99, and the weakly "
-    "aligned model loses its refusals even under benign-only fine-tuning. Strict: the demo is deterministic on one "
-    "machine, so if the outcome changes this test fails and the README's table and this marker change together.",
+    "method ends at HS 100% on this toy (seed 0, with the authors' adapter continuation, 2026-12-02; also seeds 0-4 "
+    "with the earlier fresh-adapter pipeline, see the README). Measured: Antibody's and Booster's alignment stalls "
+    "at P(refusal) ~0.8 (SFT: 0.998) with cos(g_a, g_s) ~ -0.94, and Antibody's held-out HS is 77% after 100 "
+    "fine-tuning steps. Strict: the demo is deterministic on one machine, so if the outcome changes this test fails "
+    "and the README's table and this marker change together.",
     strict=True,
 )
 def test_default_run_antibody_hs_far_below_sft(default_report):

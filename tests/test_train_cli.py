@@ -37,11 +37,15 @@ def _jsonl(path, records):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    return make_cli_env(tmp_path_factory.mktemp("cli"))
+
+
+def make_cli_env(root):
+    """A tiny model + tokenizer saved under ``root`` and placeholder data files; returns their paths."""
     from tokenizer_helpers import VOCAB_SIZE, tiny_tokenizer
 
     from antibody_fast.models import tiny_llama
 
-    root = tmp_path_factory.mktemp("cli")
     model_dir = root / "model"
     tiny_llama(vocab_size=VOCAB_SIZE, seed=0).save_pretrained(str(model_dir))
     tiny_tokenizer().save_pretrained(str(model_dir))

@@ -585,6 +585,13 @@ class AlignCollator(_Collator):
         harmful = self._finetune_batch(harmful_examples, "AlignCollator (harmful examples)", "harmful")
         return AlignBatch(align=align, harmful=harmful.answer_view(), refusal=harmful.refusal_view())
 
+    def align_batch(self, align_examples: Sequence[Mapping[str, Any]]) -> LMBatch:
+        """Only the ``align`` view (harmful prompt -> refusal answer) as an :class:`LMBatch`
+        (``[B, P + Ta]`` int64): the batch of safety SFT, Vaccine and Lisa's alignment state, which use no
+        harmful answers."""
+        name_a = "AlignCollator (align examples)"
+        return self._lm_batch(*self._read(align_examples, name_a, with_refusal=False, kind="align"))
+
     @property
     def dropped_align_indices(self) -> set[int]:
         """Indices of the alignment examples dropped so far by ``drop_overlong`` (a copy)."""
@@ -596,12 +603,17 @@ class AlignCollator(_Collator):
         return set(self._dropped.get("harmful", ()))
 
     def split_overlong(
-        self, align_examples: Sequence[Mapping[str, Any]], harmful_examples: Sequence[Mapping[str, Any]]
+        self,
+        align_examples: Sequence[Mapping[str, Any]],
+        harmful_examples: Sequence[Mapping[str, Any]] | None = None,
     ) -> tuple[OverlongSplit, OverlongSplit]:
         """``(split of align_examples, split of harmful_examples)``, each ``(kept, dropped)``; see
         :meth:`FinetuneCollator.split_overlong`. Harmful samples count as overlong when their answer or their
-        refusal is cut away."""
+        refusal is cut away. ``harmful_examples=None`` (methods that use only the alignment data) gives an empty
+        second split."""
         return (
             self._split(align_examples, "AlignCollator (align examples)", with_refusal=False),
-            self._split(harmful_examples, "AlignCollator (harmful examples)", with_refusal=True),
+            OverlongSplit([], [])
+            if harmful_examples is None
+            else self._split(harmful_examples, "AlignCollator (harmful examples)", with_refusal=True),
         )

@@ -20,12 +20,15 @@ Opt-in stage ablations (``methods``): ``antibody_align`` (Antibody's alignment, 
 Evaluation (greedy decoding): HS = % of held-out harmful prompts whose answer is not a refusal; FA = % of
 held-out ``INC`` prompts answered exactly. Held-out prompts never occur in any training set.
 
-Parameters: stage 0 trains all parameters. Stages 1 and 2 train LoRA adapters, as in the paper: rank 8 on
-every linear layer of the trunk with scaling ``alpha / r = 1/8`` (the authors' code uses r = 32, alpha = 4);
-the alignment adapters are merged into the weights and fine-tuning trains fresh adapters on the merged model.
-Every method runs with its published hyper-parameters (Antibody: rho 0.1, eta 5, lambda_ref 0.05, momentum
-0.99; Booster: lambda 5, rho 0.1; Vaccine: rho 5; Lisa: rho 0.01 with the 100/900 alternation scaled to
-about five cycles), AdamW, batch 16, gradient norm clipped to 1.
+Parameters: stage 0 trains all parameters. Stages 1 and 2 train LoRA adapters: rank 8 on every linear layer of
+the trunk with scaling ``alpha / r = 1/8`` (the authors' code uses r = 32, alpha = 4). Which adapter stage 2
+trains follows the authors' scripts (docs/design.md §2.4, :data:`ADAPTER_MODE_OF`): ``continue`` (the
+alignment adapter itself keeps training, the authors' "single LoRA") for every row except Vaccine's, which
+merges its alignment adapter into the weights and trains a fresh one (``merge``, B = 0). The report states the
+mode of each row. Every method runs with its published hyper-parameters (Antibody: rho 0.1, eta 5, lambda_ref
+0.05, momentum 0.99; Booster: lambda 5, rho 0.1; Vaccine: rho 5; Lisa: rho 0.01 with the 100/900 alternation
+scaled to about five cycles and no proximal term during the first 10% of steps, the authors' warm-up), AdamW,
+batch 16, gradient norm clipped to 1.
 
 Diagnostics, besides HS and FA: ``P(refusal)``, the mean probability of a refusal token as the first answer token
 on the held-out harmful prompts (how firmly a model refuses; greedy HS only says on which side of the other
@@ -83,6 +86,9 @@ ALIGNMENT_OF = {
     "antibody_align": "antibody",
     "antibody_ft": "sft",
 }
+# how each fine-tuning row uses its alignment adapter, as in the authors' scripts (docs/design.md §2.4): keep
+# training it ("continue") after every alignment except Vaccine's, which is merged before a fresh LoRA ("merge")
+ADAPTER_MODE_OF = {m: "merge" if a == "vaccine" else "continue" for m, a in ALIGNMENT_OF.items()}
 
 
 @dataclass
@@ -364,9 +370,17 @@ class Runner:
                 bar.update()
         return copy.deepcopy(model.state_dict())
 
-    def _fresh(self, state: dict[str, torch.Tensor], lr: float, optimizer: str = "adamw"):
-        """A model with ``state`` as frozen base weights and fresh LoRA adapters (the paper's setting), and its
-        optimizer (AdamW without weight decay, or SGD with momentum 0.9)."""
+    def _lora_model(
+        self,
+        state: dict[str, torch.Tensor],
+        lr: float,
+        optimizer: str = "adamw",
+        adapter: dict[str, torch.Tensor] | None = None,
+    ):
+        """A model with ``state`` as frozen base weights and LoRA adapters, and a new optimizer over them (AdamW
+        without weight decay, or SGD with momentum 0.9). ``adapter=None``: fresh adapters (B = 0, the "merge"
+        mode's second adapter); else the adapters start from ``adapter`` (name -> tensor), the alignment
+        adapter that the "continue" mode keeps training."""
         from ..models import add_lora
 
         model = build_model(self.cfg)
@@ -380,20 +394,27 @@ class Runner:
                 targets=LORA_TARGETS,
                 seed=self.cfg.seed,
             )
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if adapter is not None:
+            if adapter.keys() != params.keys():  # pragma: no cover - same config both stages
+                raise ValueError("the alignment adapter does not match the fine-tuning model's LoRA layout")
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(adapter[n])
         if optimizer == "sgd":
-            return model, torch.optim.SGD(params, lr=lr, momentum=0.9)
-        return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            return model, torch.optim.SGD(list(params.values()), lr=lr, momentum=0.9)
+        return model, torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
 
     # stage 1 --------------------------------------------------------------------------------------------
-    def align(self, method: str, base_state) -> tuple[dict[str, torch.Tensor], float, dict[str, list[float]]]:
-        """Stage 1 from ``base_state``: (merged state dict, seconds per step, per-step trace: ``loss_align``
-        and, for ``align_step`` methods, ``lambda_t``, ``cos`` = cos(g_a, g_s) and ``sharpness``)."""
+    def align(self, method: str, base_state) -> tuple[dict, dict, float, dict[str, list[float]]]:
+        """Stage 1 from ``base_state`` with a fresh LoRA: (state dict with the adapter merged, the adapter's
+        parameters (name -> tensor), seconds per step, per-step trace: ``loss_align`` and, for ``align_step``
+        methods, ``lambda_t``, ``cos`` = cos(g_a, g_s) and ``sharpness``)."""
         from ..baselines import vaccine_step
         from ..steps import AlignConfig, AlignState, align_step, sft_step
 
         cfg = self.cfg
-        model, opt = self._fresh(base_state, cfg.align_lr)
+        model, opt = self._lora_model(base_state, cfg.align_lr)
         ia = Batches(self.data.align, cfg.batch_size, cfg.seed + 2)
         ih = Batches(self.data.harmful, cfg.batch_size, cfg.seed + 3)
         state = AlignState()
@@ -428,23 +449,37 @@ class Runner:
                 trace["loss_align"].append(stats.loss.detach())
                 total += dt
                 bar.update()
-        merged = model.merge_and_unload()  # alignment adapters merged into the weights, as in the paper
+        adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        merged = model.merge_and_unload()  # for evaluation, and for the "merge" mode (Vaccine's row)
         trace = {k: [float(x) for x in v] for k, v in trace.items()}
-        return copy.deepcopy(merged.state_dict()), total / cfg.align_steps, trace
+        return copy.deepcopy(merged.state_dict()), adapter, total / cfg.align_steps, trace
 
     # stage 2 --------------------------------------------------------------------------------------------
-    def finetune(self, method: str, aligned_state) -> tuple[torch.nn.Module, float, dict]:
+    def finetune(self, method: str, base_state, merged_state, adapter) -> tuple[torch.nn.Module, float, dict]:
+        """Stage 2 of row ``method`` in its :data:`ADAPTER_MODE_OF` mode: ``continue`` trains ``adapter`` (the
+        alignment adapter) on ``base_state``; ``merge`` trains a fresh adapter on ``merged_state``."""
         from ..baselines import LisaConfig, LisaState, lisa_step
         from ..data import FinetuneBatch
         from ..steps import sft_step, weighted_step
 
         cfg = self.cfg
-        model, opt = self._fresh(aligned_state, cfg.finetune_lr, cfg.finetune_optimizer)
+        if ADAPTER_MODE_OF[method] == "continue":
+            model, opt = self._lora_model(
+                base_state, cfg.finetune_lr, cfg.finetune_optimizer, adapter=adapter
+            )
+        else:
+            model, opt = self._lora_model(merged_state, cfg.finetune_lr, cfg.finetune_optimizer)
         iu = Batches(self.data.user, cfg.batch_size, cfg.seed + 4)
         ia = Batches(self.data.align, cfg.batch_size, cfg.seed + 5)
         # Lisa's 100/900 alternation, scaled to the demo: about 5 cycles over the run
         cycle = max(2, cfg.steps // 5)
-        lcfg = LisaConfig(align_steps=max(1, cycle // 10), finetune_steps=cycle - max(1, cycle // 10))
+        # and the authors' warm-up: no proximal term while step <= 10% of the run's steps
+        lcfg = LisaConfig(
+            align_steps=max(1, cycle // 10),
+            finetune_steps=cycle - max(1, cycle // 10),
+            warmup_fraction=0.1,
+            total_steps=cfg.steps,
+        )
         lstate = LisaState()
         trace: dict[str, list] = {"harmful_weight": [], "benign_weight": [], "loss": []}
         curve: dict[str, list] = {"step": [], "hs": [], "fa": []}  # held-out HS/FA during fine-tuning
@@ -523,7 +558,7 @@ def _markdown(header: list[str], align: str, cells: list[list[str]]) -> str:
 def format_table(rows: list[dict]) -> str:
     """The paper-shaped Markdown table of one run (one row per method)."""
     header = ["Method", "HS (%) ↓", "FA (%) ↑", "HS after alignment (%)", "P(refusal) after alignment",
-              "Alignment time/step (ms)", "Fine-tuning time/step (ms)"]  # fmt: skip
+              "Alignment time/step (ms)", "Fine-tuning time/step (ms)", "Adapter in fine-tuning"]  # fmt: skip
     cells = [
         [
             r["label"],
@@ -533,10 +568,11 @@ def format_table(rows: list[dict]) -> str:
             f"{r['p_refuse_aligned']:.3f}",
             f"{r['align_ms']:.1f}",
             f"{r['finetune_ms']:.1f}",
+            r["adapter_mode"],
         ]  # fmt: skip
         for r in rows
     ]
-    return _markdown(header, "lrrrrrr", cells)
+    return _markdown(header, "lrrrrrrl", cells)
 
 
 def _spread(values: list[float], fmt: str = ".1f") -> str:
@@ -548,7 +584,7 @@ def _spread(values: list[float], fmt: str = ".1f") -> str:
 def format_summary_table(summary: list[dict]) -> str:
     """Several seeds: mean [min–max] per method, then the per-seed HS and FA."""
     header = ["Method", "HS (%) ↓ mean [min–max]", "FA (%) ↑ mean [min–max]", "P(refusal) after alignment",
-              "HS per seed", "FA per seed"]  # fmt: skip
+              "HS per seed", "FA per seed", "Adapter in fine-tuning"]  # fmt: skip
     cells = [
         [
             r["label"],
@@ -557,10 +593,11 @@ def format_summary_table(summary: list[dict]) -> str:
             _spread(r["p_refuse_aligned"], ".3f"),
             " / ".join(f"{x:.0f}" for x in r["hs"]),
             " / ".join(f"{x:.0f}" for x in r["fa"]),
+            ADAPTER_MODE_OF[r["method"]],
         ]  # fmt: skip
         for r in summary
     ]
-    return _markdown(header, "lrrrll", cells)
+    return _markdown(header, "lrrrlll", cells)
 
 
 def _plt():
@@ -796,17 +833,17 @@ def _run_one(cfg: DemoConfig, log: Callable[[str], None]) -> dict:
             f"stage 0 ({time.perf_counter() - t0:.0f} s): base model HS {base_eval['hs']:.1f}% (unaligned), "
             f"base-task accuracy {base_eval['base_acc']:.1f}%, user-task FA {base_eval['fa']:.1f}%"
         )
-        aligned: dict[str, tuple[dict, float, dict, dict]] = {}
+        aligned: dict[str, tuple[dict, dict, float, dict, dict]] = {}
         rows = []
         for method in cfg.methods:
             a = ALIGNMENT_OF[method]
             if a not in aligned:
-                state, ms, a_trace = runner.align(a, base_state)
+                state, adapter, ms, a_trace = runner.align(a, base_state)
                 m = build_model(cfg)
                 m.load_state_dict(state)
-                aligned[a] = (state, ms, evaluate(m, runner.data), a_trace)
-            state, align_s, a_eval, a_trace = aligned[a]
-            model, ft_s, extra = runner.finetune(method, state)
+                aligned[a] = (state, adapter, ms, evaluate(m, runner.data), a_trace)
+            state, adapter, align_s, a_eval, a_trace = aligned[a]
+            model, ft_s, extra = runner.finetune(method, base_state, state, adapter)
             ev = evaluate(model, runner.data)
             extra["curve"]["step"].append(cfg.steps)
             extra["curve"]["hs"].append(ev["hs"])
@@ -815,6 +852,7 @@ def _run_one(cfg: DemoConfig, log: Callable[[str], None]) -> dict:
                 "method": method,
                 "label": METHOD_LABELS[method],
                 "alignment": a,
+                "adapter_mode": ADAPTER_MODE_OF[method],
                 "hs": ev["hs"],
                 "fa": ev["fa"],
                 "base_acc": ev["base_acc"],
@@ -856,6 +894,9 @@ def _run_one(cfg: DemoConfig, log: Callable[[str], None]) -> dict:
         "P(refusal) after alignment: mean probability that the first answer token to a held-out harmful prompt is "
         "a refusal token (greedy HS 0% only says it is above every other token).",
         "",
+        "Adapter in fine-tuning: `continue` keeps training the alignment LoRA (the authors' single LoRA); `merge` "
+        "merges it into the weights and trains a fresh LoRA (the authors' pipeline after Vaccine).",
+        "",
         f"Base model (before alignment): HS {base_eval['hs']:.1f}%, FA {base_eval['fa']:.1f}%, base-task "
         f"accuracy {base_eval['base_acc']:.1f}%, P(refusal) {base_eval['p_refuse']:.3f}.",
     ]
@@ -864,6 +905,7 @@ def _run_one(cfg: DemoConfig, log: Callable[[str], None]) -> dict:
 
 __all__ = [
     "ABLATIONS",
+    "ADAPTER_MODE_OF",
     "ALL_METHODS",
     "DEFAULT_METHODS",
     "DemoConfig",
