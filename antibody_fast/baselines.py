@@ -30,7 +30,7 @@ from torch import nn
 
 from .data.batch import IGNORE_INDEX, LMBatch
 from .reference import hf_loss
-from .steps import _finish, _parts, _token_mean_loss, flat_parameters
+from .steps import _finish, _parts, _start_guard, _token_mean_loss, flat_parameters
 
 __all__ = [
     "BaselineStats",
@@ -55,11 +55,27 @@ class BaselineStats:
         grad_norm: the global gradient norm before clipping (fp32).
         extra: method-specific scalars: Vaccine ``perturbation_grad_norm`` (``||g||_global`` of pass 1) and
             ``clean_loss`` (pass-1 loss); Lisa ``proximal`` (``rho_L/2 * ||theta - anchor||^2``).
+        skipped: 0-dim bool, true when the non-finite guard skipped the update (θ and the optimizer state
+            unchanged; see :mod:`antibody_fast.guard`); ``None`` when the guard is off or for the references.
     """
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: torch.Tensor | None = None
+
+
+class _GuardOpts:
+    """The guard options of :func:`vaccine_step` in the shape :func:`~antibody_fast.steps._start_guard` reads."""
+
+    def __init__(self, guard_nonfinite: bool, max_consecutive_skips: int | None) -> None:
+        if not isinstance(guard_nonfinite, bool):
+            raise ValueError(f"guard_nonfinite must be a bool, got {guard_nonfinite!r}")
+        m = max_consecutive_skips
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"max_consecutive_skips must be None or an int >= 1, got {m!r}")
+        self.guard_nonfinite = guard_nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -143,6 +159,8 @@ def vaccine_step(
     scheduler=None,
     attention_modules: Sequence[nn.Module] | None = None,
     impl: str = "auto",
+    guard_nonfinite: bool = True,
+    max_consecutive_skips: int | None = 10,
 ) -> BaselineStats:
     """One Vaccine alignment step (perturbation-aware alignment on the attention outputs).
 
@@ -155,6 +173,8 @@ def vaccine_step(
         scheduler: stepped after the optimizer when given.
         attention_modules: the blocks whose output is perturbed (default :func:`find_attention_modules`).
         impl: implementation of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
+        guard_nonfinite, max_consecutive_skips: the non-finite guard, as in
+            :class:`~antibody_fast.FinetuneConfig` (a non-finite perturbation norm also skips the step).
 
     Returns:
         :class:`BaselineStats`: ``loss`` = the perturbed (pass-2) loss, ``grad_norm`` before clipping, ``extra``
@@ -162,10 +182,12 @@ def vaccine_step(
     """
     _check_common(model, optimizer, max_grad_norm)
     _check_batch(model, batch)
-    if not rho >= 0:
-        raise ValueError(f"rho must be >= 0, got {rho}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0 <= rho < float("inf")):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho}")
+    gopts = _GuardOpts(guard_nonfinite, max_consecutive_skips)
     modules = list(attention_modules) if attention_modules is not None else find_attention_modules(model)
     flat = flat_parameters(model)
+    guard = _start_guard(optimizer, flat, gopts, "vaccine_step")
 
     # pass 1: gradients w.r.t. the attention outputs only
     outputs: list[torch.Tensor] = []
@@ -207,11 +229,23 @@ def vaccine_step(
             h.remove()
     loss.backward()
     flat.ensure_grad_views()  # no-op unless something replaced .grad (e.g. optimizer.zero_grad())
-    norm = _finish(flat, optimizer, scheduler, max_grad_norm or None, impl)  # 0 or None: no clip
+    with torch.no_grad():
+        ok = torch.isfinite(gnorm) & torch.isfinite(loss.detach())
+    norm, skipped = _finish(
+        flat,
+        optimizer,
+        scheduler,
+        max_grad_norm or None,  # 0 or None: no clip
+        impl,
+        guard=guard if guard_nonfinite else None,
+        ok=ok,
+        max_consecutive_skips=max_consecutive_skips,
+    )
     return BaselineStats(
         loss=loss.detach(),
         grad_norm=norm,
         extra={"clean_loss": clean_loss.detach(), "perturbation_grad_norm": gnorm.detach()},
+        skipped=skipped,
     )
 
 
@@ -305,6 +339,7 @@ class LisaConfig:
         rho: ``rho_L``, weight of the proximal term ``rho_L / 2 * ||theta - theta_anchor||^2`` (authors: 0.01).
         max_grad_norm: clip of the global gradient norm (proximal gradient included); ``None``/0 disables it.
         first_phase: ``"align"`` (default) or ``"finetune"``: the state of step 0.
+        guard_nonfinite, max_consecutive_skips: the non-finite guard, as in :class:`~antibody_fast.FinetuneConfig`.
     """
 
     align_steps: int = 100
@@ -312,6 +347,8 @@ class LisaConfig:
     rho: float = 0.01
     max_grad_norm: float | None = 1.0
     first_phase: str = "align"
+    guard_nonfinite: bool = True
+    max_consecutive_skips: int | None = 10
 
     def validate(self) -> None:
         if self.align_steps < 0 or self.finetune_steps < 0 or self.align_steps + self.finetune_steps == 0:
@@ -319,8 +356,9 @@ class LisaConfig:
                 f"align_steps and finetune_steps must be >= 0 with a positive sum, got "
                 f"{self.align_steps} and {self.finetune_steps}"
             )
-        if not self.rho >= 0:
-            raise ValueError(f"rho must be >= 0, got {self.rho}")
+        if not (0 <= self.rho < float("inf")):
+            raise ValueError(f"rho must be a finite number >= 0, got {self.rho}")
+        _GuardOpts(self.guard_nonfinite, self.max_consecutive_skips)
         if self.first_phase not in ("align", "finetune"):
             raise ValueError(f"first_phase must be 'align' or 'finetune', got {self.first_phase!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
@@ -419,6 +457,7 @@ def lisa_step(
     """
     config = LisaConfig() if config is None else config
     flat = _check_lisa(model, batch, optimizer, state, config)
+    guard = _start_guard(optimizer, flat, config, "lisa_step")
     from .ops.flat_ops import antibody_combine_, grad_dots
 
     theta = flat.param_buffers
@@ -437,9 +476,20 @@ def lisa_step(
         prox = 0.5 * config.rho * grad_dots(grads, theta, state.anchor, impl=impl)[2]
         if config.rho:
             antibody_combine_(grads, grads, theta, state.anchor, None, float(config.rho), 0.0, impl=impl)
-    norm = _finish(flat, optimizer, scheduler, config.max_grad_norm or None, impl)  # 0 or None: no clip
+    with torch.no_grad():
+        ok = torch.isfinite(loss.detach()) & torch.isfinite(prox)
+    norm, skipped = _finish(
+        flat,
+        optimizer,
+        scheduler,
+        config.max_grad_norm or None,  # 0 or None: no clip
+        impl,
+        guard=guard if config.guard_nonfinite else None,
+        ok=ok,
+        max_consecutive_skips=config.max_consecutive_skips,
+    )
     state.step += 1
-    return BaselineStats(loss=loss.detach(), grad_norm=norm, extra={"proximal": prox})
+    return BaselineStats(loss=loss.detach(), grad_norm=norm, extra={"proximal": prox}, skipped=skipped)
 
 
 def reference_lisa_step(
