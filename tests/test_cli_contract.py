@@ -237,3 +237,19 @@ def test_nonfinite_run_exit2_keeps_last_good_checkpoint(env, tmp_path, capsys, m
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
     params_before = torch.load(__import__("io").BytesIO(ck_before), weights_only=True)["params"]
     assert all(torch.equal(params_before[k], sd["params"][k]) for k in params_before)
+
+
+def test_evaluate_judge_kind(env, tmp_path, capsys):
+    """A causal LM passed as a classifier judge is refused (exit 2, no eval.json); as --judge-kind causal-lm it
+    judges, and eval.json names it."""
+    args = ["--model", env["model"], "--harmful-prompts", env["harmful"], "--num-eval", "2", "--max-new-tokens", "2",
+            "--batch-size", "2", "--no-progress", "--judge-model", env["model"]]  # fmt: skip
+    out = tmp_path / "ev"
+    _expect_exit2(
+        capsys, "evaluate", [*args, "--output", str(out)], "not a sequence classifier", str(out), None
+    )
+    rc = train_cli.main("evaluate", [*args, "--output", str(out), "--judge-kind", "causal-lm"])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((out / "eval.json").read_text())
+    assert result["judge"].startswith("causal-lm:") and result["judge_is_proxy"] is False
+    assert 0.0 <= result["hs"] <= 100.0
