@@ -26,6 +26,13 @@ Common behaviour
   or refusal with zero tokens, labels on prompt columns, a batch on another device than the model, a
   model without trainable parameters or a bad config raise ``ValueError``/``TypeError`` before the model,
   the optimizer or the scheduler is touched.
+* **Non-finite guard.** A step whose loss, gradient norm, perturbation or result is not finite is undone on
+  the device (``torch.where`` against a copy taken before ``optimizer.step()``): θ, the optimizer state and the
+  λ EMA stay bit-identical and ``StepStats.skipped`` is true; ``max_consecutive_skips`` skipped steps in a row
+  make the next step raise :class:`~antibody_fast.guard.NonFiniteError` (``config.guard_nonfinite=False`` turns
+  it off; :mod:`antibody_fast.guard`, docs/reliability.md). The optimizer must hold some of the trainable
+  parameters (checked once per optimizer), and the cached flat parameters are re-packed when
+  ``model.to(...)`` made them stale.
 * **Autocast.** ``config.amp_dtype`` (e.g. ``torch.bfloat16`` on GPU; ``None`` = off, the CPU default)
   wraps the forwards in ``torch.autocast``; the fused loss then runs in that dtype with fp32 accumulation.
 * **Distributed data parallel.** When ``torch.distributed`` is initialised (world size > 1), pass the model
