@@ -34,6 +34,7 @@ _EXPORTS = {
     "AlignConfig": "antibody_fast.steps",
     "AlignState": "antibody_fast.steps",
     "StepStats": "antibody_fast.steps",
+    "NonFiniteError": "antibody_fast.guard",
     "save_checkpoint": "antibody_fast.checkpoint",
     "load_checkpoint": "antibody_fast.checkpoint",
 }

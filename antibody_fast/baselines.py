@@ -33,7 +33,15 @@ from torch import nn
 from .data.batch import IGNORE_INDEX, LMBatch
 from .distributed import all_reduce_sum, is_distributed
 from .reference import hf_loss
-from .steps import _finish, _global_loss_value, _parts, _reduce_grads, _token_mean_loss, flat_parameters
+from .steps import (
+    _finish,
+    _global_loss_value,
+    _parts,
+    _reduce_grads,
+    _start_guard,
+    _token_mean_loss,
+    flat_parameters,
+)
 
 __all__ = [
     "BaselineStats",
@@ -58,11 +66,27 @@ class BaselineStats:
         grad_norm: the global gradient norm before clipping (fp32).
         extra: method-specific scalars: Vaccine ``perturbation_grad_norm`` (``||g||_global`` of pass 1) and
             ``clean_loss`` (pass-1 loss); Lisa ``proximal`` (``rho_L/2 * ||theta - anchor||^2``).
+        skipped: 0-dim bool, true when the non-finite guard skipped the update (θ and the optimizer state
+            unchanged; see :mod:`antibody_fast.guard`); ``None`` when the guard is off or for the references.
     """
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: torch.Tensor | None = None
+
+
+class _GuardOpts:
+    """The guard options of :func:`vaccine_step` in the shape :func:`~antibody_fast.steps._start_guard` reads."""
+
+    def __init__(self, guard_nonfinite: bool, max_consecutive_skips: int | None) -> None:
+        if not isinstance(guard_nonfinite, bool):
+            raise ValueError(f"guard_nonfinite must be a bool, got {guard_nonfinite!r}")
+        m = max_consecutive_skips
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"max_consecutive_skips must be None or an int >= 1, got {m!r}")
+        self.guard_nonfinite = guard_nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -146,6 +170,8 @@ def vaccine_step(
     scheduler=None,
     attention_modules: Sequence[nn.Module] | None = None,
     impl: str = "auto",
+    guard_nonfinite: bool = True,
+    max_consecutive_skips: int | None = 10,
 ) -> BaselineStats:
     """One Vaccine alignment step (perturbation-aware alignment on the attention outputs).
 
@@ -158,6 +184,8 @@ def vaccine_step(
         scheduler: stepped after the optimizer when given.
         attention_modules: the blocks whose output is perturbed (default :func:`find_attention_modules`).
         impl: implementation of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
+        guard_nonfinite, max_consecutive_skips: the non-finite guard, as in
+            :class:`~antibody_fast.FinetuneConfig` (a non-finite perturbation norm also skips the step).
 
     Returns:
         :class:`BaselineStats`: ``loss`` = the perturbed (pass-2) loss, ``grad_norm`` before clipping, ``extra``
@@ -165,10 +193,12 @@ def vaccine_step(
     """
     _check_common(model, optimizer, max_grad_norm)
     _check_batch(model, batch)
-    if not rho >= 0:
-        raise ValueError(f"rho must be >= 0, got {rho}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0 <= rho < float("inf")):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho}")
+    gopts = _GuardOpts(guard_nonfinite, max_consecutive_skips)
     modules = list(attention_modules) if attention_modules is not None else find_attention_modules(model)
     flat = flat_parameters(model)
+    guard = _start_guard(optimizer, flat, gopts, "vaccine_step")
 
     # pass 1: gradients w.r.t. the attention outputs only
     outputs: list[torch.Tensor] = []
@@ -213,11 +243,24 @@ def vaccine_step(
     loss.backward()
     flat.ensure_grad_views()  # no-op unless something replaced .grad (e.g. optimizer.zero_grad())
     _reduce_grads(flat, None)  # under torchrun: the global batch's gradient (no-op in one process)
-    norm = _finish(flat, optimizer, scheduler, max_grad_norm or None, impl)  # 0 or None: no clip
+    loss_value = _global_loss_value(loss, None)  # the same on every rank, so every rank skips alike
+    with torch.no_grad():
+        ok = torch.isfinite(gnorm) & torch.isfinite(loss_value)
+    norm, skipped = _finish(
+        flat,
+        optimizer,
+        scheduler,
+        max_grad_norm or None,  # 0 or None: no clip
+        impl,
+        guard=guard if guard_nonfinite else None,
+        ok=ok,
+        max_consecutive_skips=max_consecutive_skips,
+    )
     return BaselineStats(
-        loss=_global_loss_value(loss, None),
+        loss=loss_value,
         grad_norm=norm,
         extra={"clean_loss": _global_loss_value(clean_loss, None), "perturbation_grad_norm": gnorm.detach()},
+        skipped=skipped,
     )
 
 
@@ -316,6 +359,7 @@ class LisaConfig:
             HF's ``state.global_step`` reads inside ``training_step``). Authors: 0.1.
         total_steps: the run's total step count, which the warm-up needs. ``None`` (the default for library
             callers that do not know it) turns the warm-up off; the CLI and the demo pass it.
+        guard_nonfinite, max_consecutive_skips: the non-finite guard, as in :class:`~antibody_fast.FinetuneConfig`.
     """
 
     align_steps: int = 100
@@ -325,6 +369,8 @@ class LisaConfig:
     first_phase: str = "align"
     warmup_fraction: float = 0.1
     total_steps: int | None = None
+    guard_nonfinite: bool = True
+    max_consecutive_skips: int | None = 10
 
     def proximal_on(self, step: int) -> bool:
         """Whether step ``step`` (0-based) adds the proximal term: off during the authors' warm-up."""
@@ -338,8 +384,9 @@ class LisaConfig:
                 f"align_steps and finetune_steps must be >= 0 with a positive sum, got "
                 f"{self.align_steps} and {self.finetune_steps}"
             )
-        if not self.rho >= 0:
-            raise ValueError(f"rho must be >= 0, got {self.rho}")
+        if not (0 <= self.rho < float("inf")):
+            raise ValueError(f"rho must be a finite number >= 0, got {self.rho}")
+        _GuardOpts(self.guard_nonfinite, self.max_consecutive_skips)
         if self.first_phase not in ("align", "finetune"):
             raise ValueError(f"first_phase must be 'align' or 'finetune', got {self.first_phase!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
@@ -446,6 +493,7 @@ def lisa_step(
     """
     config = LisaConfig() if config is None else config
     flat = _check_lisa(model, batch, optimizer, state, config)
+    guard = _start_guard(optimizer, flat, config, "lisa_step")
     from .ops.flat_ops import antibody_combine_, grad_dots
 
     theta = flat.param_buffers
@@ -458,9 +506,8 @@ def lisa_step(
     loss = _lm_loss(model, batch, impl)
     loss.backward()
     flat.ensure_grad_views()
-    _reduce_grads(
-        flat, None
-    )  # under torchrun: the global batch's gradient, before the (rank-equal) proximal one
+    # under torchrun: the global batch's gradient, before the (rank-equal) proximal one
+    _reduce_grads(flat, None)
     grads = flat.grad_buffers
     with torch.no_grad():
         # ||theta - anchor||^2 is the third of grad_dots(g, theta, anchor) (one fused pass, no temporary), and
@@ -468,9 +515,21 @@ def lisa_step(
         prox = 0.5 * rho * grad_dots(grads, theta, state.anchor, impl=impl)[2]
         if rho:
             antibody_combine_(grads, grads, theta, state.anchor, None, rho, 0.0, impl=impl)
-    norm = _finish(flat, optimizer, scheduler, config.max_grad_norm or None, impl)  # 0 or None: no clip
+    loss_value = _global_loss_value(loss, None)  # the same on every rank, so every rank skips alike
+    with torch.no_grad():
+        ok = torch.isfinite(loss_value) & torch.isfinite(prox)
+    norm, skipped = _finish(
+        flat,
+        optimizer,
+        scheduler,
+        config.max_grad_norm or None,  # 0 or None: no clip
+        impl,
+        guard=guard if config.guard_nonfinite else None,
+        ok=ok,
+        max_consecutive_skips=config.max_consecutive_skips,
+    )
     state.step += 1
-    return BaselineStats(loss=_global_loss_value(loss, None), grad_norm=norm, extra={"proximal": prox})
+    return BaselineStats(loss=loss_value, grad_norm=norm, extra={"proximal": prox}, skipped=skipped)
 
 
 def reference_lisa_step(

@@ -14,12 +14,26 @@ and every RNG state, written atomically.
   optimizer groups) **before** changing the model, optimizer, scheduler or state; a missing, truncated or
   mismatching checkpoint raises ``FileNotFoundError`` / ``ValueError`` and leaves them untouched.
 
+* Integrity (docs/reliability.md): every checkpoint stores a SHA-256 ``checksum`` of its whole content
+  (every tensor's dtype, shape and bytes, every plain value), verified on load, so a flipped byte is refused;
+  and an optional ``fingerprint`` (a flat dict of the options that define the run: data, method, seed, model,
+  LoRA shape, hyper-parameters). ``load_checkpoint(..., fingerprint=...)`` refuses a checkpoint whose stored
+  fingerprint differs, naming the differing options (:class:`CheckpointMismatchError`), unless ``force=True``.
+* Non-finite values are never written: :func:`save_checkpoint` raises :class:`NonFiniteCheckpointError`
+  before creating any file when a parameter, an optimizer-state tensor or the state holds NaN/inf, so the
+  last good checkpoint stays in place.
+* :func:`cleanup_temporaries` removes ``.tmp-<name>.*`` files left by a save that was killed (SIGKILL,
+  power loss); call it at start-up while holding the output directory's lock.
+
 A run stopped after step k and resumed from its checkpoint ends with the same parameters as an
 uninterrupted run (tested on CPU with deterministic kernels).
 """
 
 from __future__ import annotations
 
+import copy
+import glob
+import hashlib
 import os
 import random
 import tempfile
@@ -27,7 +41,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "cleanup_temporaries",
+    "fingerprint_diff",
+    "CheckpointMismatchError",
+    "NonFiniteCheckpointError",
+    "CHECKPOINT_FORMAT",
+]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint belongs to another run: its stored options fingerprint differs from the expected one."""
+
+    def __init__(self, message: str, differing: list[str]) -> None:
+        super().__init__(message)
+        self.differing = differing
+
+
+class NonFiniteCheckpointError(ValueError):
+    """A checkpoint or adapter would contain NaN/inf values; nothing was written."""
+
 
 CHECKPOINT_FORMAT = "antibody_fast.checkpoint/1"
 
@@ -88,6 +124,73 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         )
 
 
+def _digest(obj: Any, h) -> None:
+    """Feed ``obj`` (nested dicts / lists / tuples of tensors and plain values) into the hash ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            _digest(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _digest(v, h)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r}".encode())
+
+
+def _checksum(payload: dict) -> str:
+    h = hashlib.sha256()
+    _digest({k: v for k, v in payload.items() if k != "checksum"}, h)
+    return h.hexdigest()
+
+
+def _nonfinite_tensors(obj: Any, where: str, out: list[str]) -> None:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+            out.append(where)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _nonfinite_tensors(v, f"{where}.{k}", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _nonfinite_tensors(v, f"{where}[{i}]", out)
+
+
+def fingerprint_diff(saved: dict | None, expected: dict | None) -> list[str]:
+    """Names of the options whose values differ between two fingerprints (``"name: saved -> expected"``)."""
+    saved = saved or {}
+    expected = expected or {}
+    out = []
+    for k in sorted(set(saved) | set(expected), key=str):
+        a, b = saved.get(k, "<absent>"), expected.get(k, "<absent>")
+        if a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
+def cleanup_temporaries(path: str | os.PathLike) -> list[str]:
+    """Remove the ``.tmp-<basename>.*`` files that an interrupted :func:`save_checkpoint` of ``path`` left in
+    its directory (only files; hold the directory's lock so that no save is running). Returns the paths."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = os.path.join(glob.escape(directory), glob.escape(".tmp-" + os.path.basename(path) + ".") + "*")
+    removed = []
+    for f in glob.glob(pattern):
+        if os.path.isfile(f) and not os.path.islink(f):
+            try:
+                os.unlink(f)
+                removed.append(f)
+            except FileNotFoundError:  # pragma: no cover - raced with another cleaner
+                pass
+    return removed
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module,
@@ -95,6 +198,9 @@ def save_checkpoint(
     scheduler: Any = None,
     state: Any = None,
     extra: dict | None = None,
+    *,
+    fingerprint: dict | None = None,
+    allow_nonfinite: bool = False,
 ) -> None:
     """Atomically write a training checkpoint to ``path``.
 
@@ -106,6 +212,10 @@ def save_checkpoint(
         scheduler: any object with ``state_dict()`` (optional).
         state: an :class:`~antibody_fast.steps.AlignState` or anything with ``state_dict()`` (optional).
         extra: a dict of plain Python values / tensors stored as is (e.g. the step or epoch counter).
+        fingerprint: a flat dict of plain values naming the options that define the run (checked by
+            ``load_checkpoint(..., fingerprint=...)``).
+        allow_nonfinite: write even when a tensor holds NaN/inf (default: raise
+            :class:`NonFiniteCheckpointError` before writing anything).
     """
     params = _trainable(model)
     if not params:
@@ -118,7 +228,18 @@ def save_checkpoint(
         "state": state.state_dict() if state is not None else None,
         "rng": _rng_state(),
         "extra": extra,
+        "fingerprint": fingerprint,
     }
+    if not allow_nonfinite:
+        bad: list[str] = []
+        for key in ("params", "optimizer", "state"):
+            _nonfinite_tensors(payload[key], key, bad)
+        if bad:
+            raise NonFiniteCheckpointError(
+                f"save_checkpoint: refusing to write {os.fspath(path)!r}: non-finite values (NaN/inf) in "
+                f"{', '.join(bad[:5])}{'...' if len(bad) > 5 else ''}; the previous checkpoint is kept"
+            )
+    payload["checksum"] = _checksum(payload)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -164,7 +285,78 @@ def _read(path: str) -> dict[str, Any]:
     for key in ("params", "optimizer", "scheduler", "state", "rng", "extra"):
         if key not in payload:
             raise ValueError(f"load_checkpoint: {path!r} is missing the {key!r} entry (corrupt checkpoint?)")
+    stored = payload.get("checksum")
+    if stored is not None and stored != _checksum(payload):
+        raise ValueError(
+            f"load_checkpoint: {path!r} is corrupt: its content does not match its checksum (a changed byte in "
+            "the tensor data?)"
+        )
     return payload
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and verify (format, entries, checksum) a checkpoint without applying it: the raw payload dict
+    (``params``, ``optimizer``, ``scheduler``, ``state``, ``rng``, ``extra``, ``fingerprint``, ``checksum``)."""
+    return _read(os.fspath(path))
+
+
+def _check_optimizer_state(osd: dict, optimizer: torch.optim.Optimizer) -> None:
+    """The saved optimizer state must fit the optimizer's parameters: every per-parameter tensor is a scalar
+    or has the parameter's shape (Adam's moments), and the state's keys are indices of the saved groups."""
+    state = osd.get("state")
+    if not isinstance(state, dict):
+        raise ValueError("load_checkpoint: the optimizer entry has no 'state' dict")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_ids = [i for g in osd["param_groups"] for i in g.get("params", ())]
+    index = dict(zip(saved_ids, params))
+    for i, st in state.items():
+        if i not in index:
+            raise ValueError(f"load_checkpoint: optimizer state for unknown parameter index {i!r}")
+        if not isinstance(st, dict):
+            raise ValueError(f"load_checkpoint: optimizer state of parameter {i} is not a dict")
+        p = index[i]
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"load_checkpoint: optimizer state {k!r} of parameter {i} has shape {tuple(v.shape)} but the "
+                    f"parameter is {tuple(p.shape)}"
+                )
+
+
+def _check_rng(rng: Any) -> None:
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch_cpu"), torch.Tensor):
+        raise ValueError("load_checkpoint: corrupt 'rng' entry (no torch_cpu state)")
+    t = rng["torch_cpu"]
+    if t.dtype != torch.uint8 or t.shape != torch.get_rng_state().shape:
+        raise ValueError("load_checkpoint: corrupt 'rng' entry (torch_cpu state has the wrong shape/dtype)")
+    if "python" in rng:
+        py = rng["python"]
+        if not (isinstance(py, (list, tuple)) and len(py) == 3 and isinstance(py[1], (list, tuple))):
+            raise ValueError("load_checkpoint: corrupt 'rng' entry (python state)")
+    if "numpy" in rng:
+        s = rng["numpy"]
+        if not (isinstance(s, dict) and {"name", "keys", "pos", "has_gauss", "cached_gaussian"} <= set(s)):
+            raise ValueError("load_checkpoint: corrupt 'rng' entry (numpy state)")
+    if "torch_cuda" in rng and not (
+        isinstance(rng["torch_cuda"], (list, tuple))
+        and all(isinstance(x, torch.Tensor) for x in rng["torch_cuda"])
+    ):
+        raise ValueError("load_checkpoint: corrupt 'rng' entry (torch_cuda states)")
+
+
+def _check_state_dict_like(saved: Any, obj: Any, key: str) -> None:
+    """The saved scheduler / state entry must be a dict with the keys the object's own state_dict has."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"load_checkpoint: corrupt {key!r} entry (not a dict)")
+    try:
+        current = obj.state_dict()
+    except Exception:  # pragma: no cover - an object without a usable state_dict: load_state_dict decides
+        return
+    if isinstance(current, dict) and set(current) != set(saved):
+        raise ValueError(
+            f"load_checkpoint: the {key} entry has keys {sorted(map(str, saved))} but the {key} expects "
+            f"{sorted(map(str, current))}"
+        )
 
 
 def load_checkpoint(
@@ -175,6 +367,8 @@ def load_checkpoint(
     state: Any = None,
     *,
     restore_rng: bool = True,
+    fingerprint: dict | None = None,
+    force: bool = False,
 ) -> dict | None:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``extra`` dict.
 
@@ -182,11 +376,24 @@ def load_checkpoint(
     references and :class:`~antibody_fast.flat.FlatParameters` views stay valid. Everything is validated
     before anything is modified: a missing file raises ``FileNotFoundError``; a corrupt file, different
     trainable parameter names/shapes/dtypes, a missing optimizer/scheduler/state entry that was asked for,
-    or an optimizer with a different parameter-group layout raise ``ValueError``; in all these cases the
-    model, optimizer, scheduler and state are unchanged.
+    or an optimizer with a different parameter-group layout or state shapes, a corrupt scheduler / state /
+    RNG entry, or a checksum mismatch raise ``ValueError``; in all these cases the model, optimizer,
+    scheduler and state are unchanged. Should applying still fail (an object's own ``load_state_dict``
+    raising on a value that passed these checks), everything already applied is rolled back.
+
+    With ``fingerprint`` (see :func:`save_checkpoint`) a checkpoint whose stored fingerprint differs raises
+    :class:`CheckpointMismatchError` naming the differing options, unless ``force=True``.
     """
     path = os.fspath(path)
     payload = _read(path)
+    if fingerprint is not None and not force:
+        diff = fingerprint_diff(payload.get("fingerprint"), fingerprint)
+        if diff:
+            raise CheckpointMismatchError(
+                f"load_checkpoint: {path!r} was written by a run with other options: {'; '.join(diff)} "
+                "(resume with the original options, or force the resume)",
+                diff,
+            )
     params = _trainable(model)
     saved = payload["params"]
     if not isinstance(saved, dict):
@@ -215,20 +422,52 @@ def load_checkpoint(
         if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
             raise ValueError("load_checkpoint: the optimizer's parameter groups differ from the checkpoint's")
         for g_saved, g in zip(groups, optimizer.param_groups):
-            if len(g_saved.get("params", ())) != len(g["params"]):
+            if not isinstance(g_saved, dict) or len(g_saved.get("params", ())) != len(g["params"]):
                 raise ValueError(
                     "load_checkpoint: an optimizer parameter group has a different size than in the checkpoint"
                 )
-    # ---- validated: now modify ----
-    if optimizer is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(saved[n])
+        _check_optimizer_state(osd, optimizer)
     if scheduler is not None:
-        scheduler.load_state_dict(payload["scheduler"])
+        _check_state_dict_like(payload["scheduler"], scheduler, "scheduler")
     if state is not None:
-        state.load_state_dict(payload["state"])
+        _check_state_dict_like(payload["state"], state, "state")
     if restore_rng:
-        _set_rng_state(payload["rng"])
+        _check_rng(payload["rng"])
+    # ---- validated: now modify (with a rollback should an object's own load_state_dict still raise) ----
+    undo = []
+    try:
+        if optimizer is not None:
+            old = copy.deepcopy(optimizer.state_dict())
+            undo.append(lambda old=old: optimizer.load_state_dict(old))
+            optimizer.load_state_dict(payload["optimizer"])
+        with torch.no_grad():
+            old_params = {n: p.detach().clone() for n, p in params.items()}
+
+            def _restore_params(old_params=old_params):
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(old_params[n])
+
+            undo.append(_restore_params)
+            for n, p in params.items():
+                p.copy_(saved[n])
+        if scheduler is not None:
+            old_s = copy.deepcopy(scheduler.state_dict())
+            undo.append(lambda old_s=old_s: scheduler.load_state_dict(old_s))
+            scheduler.load_state_dict(payload["scheduler"])
+        if state is not None:
+            old_st = copy.deepcopy(state.state_dict())
+            undo.append(lambda old_st=old_st: state.load_state_dict(old_st))
+            state.load_state_dict(payload["state"])
+        if restore_rng:
+            old_rng = _rng_state()
+            undo.append(lambda old_rng=old_rng: _set_rng_state(old_rng))
+            _set_rng_state(payload["rng"])
+    except Exception as e:
+        for fn in reversed(undo):  # best effort: an object that failed to load may also fail to restore
+            try:
+                fn()
+            except Exception:  # noqa: S112 - keep restoring the others
+                continue
+        raise ValueError(f"load_checkpoint: {path!r} could not be applied ({type(e).__name__}: {e})") from e
     return payload["extra"]

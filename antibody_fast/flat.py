@@ -18,8 +18,12 @@ Gradient views and ``zero_grad``
     :meth:`FlatParameters.ensure_grad_views` before backward (or after it: any detached ``.grad`` is copied
     into the flat buffer and the view re-attached; a None grad reads as zero).
 
-Things that break the views: ``model.to(...)``/``model.half()`` after packing (they replace ``param.data``);
-re-pack afterwards. ``torch.save`` of a view stores its whole storage (the flat buffer, once per file);
+Things that break the views: ``model.to(...)``/``model.half()`` after packing (they replace ``param.data``).
+:meth:`FlatParameters.is_stale` detects it in O(1) per dtype group (a cached fingerprint: the ``data_ptr``,
+dtype and device of the first and last parameter of each group); :func:`antibody_fast.steps.flat_parameters`
+then re-packs automatically, and :meth:`~FlatParameters.perturbed`, :meth:`~FlatParameters.zero_grad` and
+:meth:`~FlatParameters.ensure_grad_views` raise :class:`StaleFlatParametersError` instead of silently working
+on buffers that no longer back the parameters (docs/reliability.md). ``torch.save`` of a view stores its whole storage (the flat buffer, once per file);
 clone the tensors first if a per-tensor file is wanted.
 
 Multiple dtypes
@@ -38,6 +42,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .ops.flat_ops import PerturbBackup, perturb_, restore_
+
+
+class StaleFlatParametersError(RuntimeError):
+    """The flat buffers no longer back the parameters (``model.to(...)``/``.half()`` after packing)."""
 
 
 @dataclass
@@ -168,6 +176,36 @@ class FlatParameters:
                     p.grad = gv
         self._backup: list[torch.Tensor] | None = None
         self._in_perturbed = False
+        self._fingerprint = self._current_fingerprint(expected=True)
+
+    # ---------------------------------------------------------------- staleness
+    def _current_fingerprint(self, expected: bool = False) -> tuple:
+        """``(data_ptr, dtype, device)`` of the first and last parameter of each group: as packed
+        (``expected``: computed from the buffers) or as the parameters are now."""
+        out = []
+        for g in self.groups:
+            for i in (0, len(g.parameters) - 1):
+                if expected:
+                    ptr = g.params.data_ptr() + g.offsets[i] * g.params.element_size()
+                    out.append((ptr, g.dtype, g.params.device))
+                else:
+                    p = g.parameters[i]
+                    out.append((p.data_ptr(), p.dtype, p.device))
+        return tuple(out)
+
+    def is_stale(self) -> bool:
+        """True when the parameters no longer live in the flat buffers (``model.to(dtype/device)``,
+        ``model.half()``, ``param.data = ...`` on the first or last parameter of a group). O(number of dtype
+        groups), host-only, no sync."""
+        return self._current_fingerprint() != self._fingerprint
+
+    def _check_fresh(self, what: str) -> None:
+        if self.is_stale():
+            raise StaleFlatParametersError(
+                f"FlatParameters.{what}: the parameters no longer live in the flat buffers (model.to(...), "
+                ".half() or .cuda() after packing replaced param.data); re-pack with FlatParameters(model) "
+                "(antibody_fast.steps.flat_parameters(model) does it automatically)"
+            )
 
     # ---------------------------------------------------------------- buffers
     def _single(self, what: str) -> FlatGroup:
@@ -252,8 +290,9 @@ class FlatParameters:
 
         For each parameter whose ``.grad`` is not its view: a None grad zeroes its slice; any other tensor
         is copied into its slice. Then ``.grad`` is set to the view. Cheap when nothing changed (identity
-        checks only); no host sync.
+        checks only); no host sync. Raises :class:`StaleFlatParametersError` when the buffers are stale.
         """
+        self._check_fresh("ensure_grad_views")
         with torch.no_grad():
             for g in self.groups:
                 for p, gv in zip(g.parameters, g.grad_views):
@@ -267,7 +306,9 @@ class FlatParameters:
                     p.grad = gv
 
     def zero_grad(self) -> None:
-        """Zero the flat gradient buffers (one fill per dtype) and (re-)attach every ``.grad`` view."""
+        """Zero the flat gradient buffers (one fill per dtype) and (re-)attach every ``.grad`` view.
+        Raises :class:`StaleFlatParametersError` when the buffers are stale."""
+        self._check_fresh("zero_grad")
         for g in self.groups:
             g.grads.zero_()
             for p, gv in zip(g.parameters, g.grad_views):
@@ -301,6 +342,7 @@ class FlatParameters:
         """
         if self._in_perturbed:
             raise RuntimeError("FlatParameters.perturbed is not re-entrant (theta is already perturbed)")
+        self._check_fresh("perturbed")
         if self._backup is None:
             self._backup = [torch.empty_like(b) for b in self.param_buffers]
         backup = perturb_(self.param_buffers, g, rho, eps, group=group, out=self._backup, impl=impl)

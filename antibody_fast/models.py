@@ -18,6 +18,7 @@ transformers and peft are imported lazily inside the functions.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -241,8 +242,15 @@ def add_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    if r < 1:
-        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be an int >= 1, got {r!r}")
+    if alpha is not None and (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise ValueError(f"LoRA alpha must be a finite number > 0 (or None for 2 * r), got {alpha!r}")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha if alpha is not None else 2 * r,

@@ -26,6 +26,13 @@ Common behaviour
   or refusal with zero tokens, labels on prompt columns, a batch on another device than the model, a
   model without trainable parameters or a bad config raise ``ValueError``/``TypeError`` before the model,
   the optimizer or the scheduler is touched.
+* **Non-finite guard.** A step whose loss, gradient norm, perturbation or result is not finite is undone on
+  the device (``torch.where`` against a copy taken before ``optimizer.step()``): θ, the optimizer state and the
+  λ EMA stay bit-identical and ``StepStats.skipped`` is true; ``max_consecutive_skips`` skipped steps in a row
+  make the next step raise :class:`~antibody_fast.guard.NonFiniteError` (``config.guard_nonfinite=False`` turns
+  it off; :mod:`antibody_fast.guard`, docs/reliability.md). The optimizer must hold some of the trainable
+  parameters (checked once per optimizer), and the cached flat parameters are re-packed when
+  ``model.to(...)`` made them stale.
 * **Autocast.** ``config.amp_dtype`` (e.g. ``torch.bfloat16`` on GPU; ``None`` = off, the CPU default)
   wraps the forwards in ``torch.autocast``; the fused loss then runs in that dtype with fp32 accumulation.
 * **Distributed data parallel.** When ``torch.distributed`` is initialised (world size > 1), pass the model
@@ -92,6 +99,12 @@ class FinetuneConfig:
             columns). ``None`` (default): only when the batch is on the CPU (they would host-sync on CUDA).
         process_group: ``torch.distributed`` group for the global softmax / loss denominator / gradient
             all-reduce (``None``: the default group, when initialised).
+        guard_nonfinite: skip the update, on the device and with no host sync, when the loss, the gradient
+            norm or the updated parameters / optimizer state are not finite: θ, the optimizer state (and
+            ``AlignState``'s λ EMA) stay bit-identical and ``StepStats.skipped`` is true
+            (:mod:`antibody_fast.guard`; docs/reliability.md).
+        max_consecutive_skips: after this many consecutive skipped steps the next step raises
+            :class:`~antibody_fast.guard.NonFiniteError` before changing anything (``None``: never).
     """
 
     tau: float = 1.0
@@ -101,6 +114,8 @@ class FinetuneConfig:
     impl: str = "auto"
     validate: bool | None = None
     process_group: Any = None
+    guard_nonfinite: bool = True
+    max_consecutive_skips: int | None = 10
 
     def check(self) -> None:
         if not (isinstance(self.tau, (int, float)) and self.tau > 0 and math.isfinite(self.tau)):
@@ -111,6 +126,7 @@ class FinetuneConfig:
                 f"FinetuneConfig.refusal_scoring must be one of {REFUSAL_SCORING}, got {self.refusal_scoring!r}"
             )
         _check_amp(self.amp_dtype, "FinetuneConfig")
+        _check_guard(self, "FinetuneConfig")
 
 
 @dataclass
@@ -130,7 +146,8 @@ class AlignConfig:
         lambda_ref: weight of the refusal gradient ``g_r = ∇L_R(θ')`` (0.05); 0 skips that pass.
         momentum: EMA momentum ``m`` of λ (0.99); the EMA starts at the first ``λ_raw``; 0 disables it.
         max_grad_norm: clip ``||δ||`` to this value (``None``: no clipping).
-        amp_dtype, impl, validate, process_group: as in :class:`FinetuneConfig`.
+        amp_dtype, impl, validate, process_group, guard_nonfinite, max_consecutive_skips: as in
+            :class:`FinetuneConfig` (the guard also skips a step whose perturbation norm is not finite).
     """
 
     rule: str = "cosine"
@@ -143,6 +160,8 @@ class AlignConfig:
     impl: str = "auto"
     validate: bool | None = None
     process_group: Any = None
+    guard_nonfinite: bool = True
+    max_consecutive_skips: int | None = 10
 
     def check(self) -> None:
         if self.rule not in LAMBDA_RULES:
@@ -159,6 +178,7 @@ class AlignConfig:
             raise ValueError(f"AlignConfig.momentum must be in [0, 1), got {self.momentum!r}")
         _check_max_norm(self.max_grad_norm, "AlignConfig")
         _check_amp(self.amp_dtype, "AlignConfig")
+        _check_guard(self, "AlignConfig")
 
 
 def _checked_config(config, cls: type, owner: str):
@@ -178,6 +198,14 @@ def _check_max_norm(v, owner: str) -> None:
         raise ValueError(f"{owner}.max_grad_norm must be None or a finite number > 0, got {v!r}")
 
 
+def _check_guard(cfg, owner: str) -> None:
+    if not isinstance(cfg.guard_nonfinite, bool):
+        raise ValueError(f"{owner}.guard_nonfinite must be a bool, got {cfg.guard_nonfinite!r}")
+    m = cfg.max_consecutive_skips
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"{owner}.max_consecutive_skips must be None or an int >= 1, got {m!r}")
+
+
 def _check_amp(v, owner: str) -> None:
     if v is not None and v not in (torch.bfloat16, torch.float16):
         raise ValueError(f"{owner}.amp_dtype must be None, torch.bfloat16 or torch.float16, got {v!r}")
@@ -192,8 +220,11 @@ class AlignState:
         self.step: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"lambda_ema": 0-dim fp32 CPU tensor or None, "step": int}``."""
+        """``{"lambda_ema": 0-dim fp32 CPU tensor or None, "step": int}`` (a NaN EMA -- every step so far was
+        skipped by the non-finite guard -- is stored as None: not started)."""
         lam = None if self.lambda_ema is None else self.lambda_ema.detach().to("cpu", copy=True)
+        if lam is not None and bool(torch.isnan(lam)):
+            lam = None
         return {"lambda_ema": lam, "step": int(self.step)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -231,8 +262,11 @@ class StepStats:
             of the refusal.
         harmful_weight, benign_weight: 0-dim fp32 mean weight of the flagged harmful / benign samples (when
             the batch has ``is_harmful``; NaN when a group is empty; this rank's samples under DDP).
+        skipped: 0-dim bool, true when the non-finite guard skipped the update (θ, optimizer state and λ EMA
+            unchanged; ``FinetuneConfig.guard_nonfinite``). ``None`` when the guard is off.
     ``align_step``:
-        lambda_t: 0-dim fp32 λ after the EMA; lambda_raw: λ before it.
+        lambda_t: 0-dim fp32 λ after the EMA (the previous EMA when the step was skipped); lambda_raw: λ
+            before it.
         cos: 0-dim fp32 ``cos(g_a, g_s)``; dots: ``[3]`` fp32 ``[<g_a,g_s>, ||g_a||^2, ||g_s||^2]``.
         loss_align, loss_harmful, loss_perturbed, loss_refusal: 0-dim fp32 ``L_A(θ)``, ``L_H(θ)``,
             ``L_H(θ')``, ``L_R(θ')`` (``None`` for passes that did not run).
@@ -258,6 +292,7 @@ class StepStats:
     loss_perturbed: torch.Tensor | None = None
     loss_refusal: torch.Tensor | None = None
     loss_combined: torch.Tensor | None = None
+    skipped: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, float | list[float]]:
         """Host copy for logging (synchronises): 0-dim tensors become floats, vectors lists."""
@@ -320,11 +355,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def flat_parameters(model: nn.Module):
     """The :class:`~antibody_fast.flat.FlatParameters` of ``model``'s trainable parameters, created on first
-    use and cached (weakly) on the model; rebuilt if the set of trainable parameters changed."""
+    use and cached (weakly) on the model; re-packed if the set of trainable parameters changed or the cached
+    buffers went stale (``model.to(dtype/device)`` after packing: an O(1) fingerprint check per call)."""
     model = _unwrap(model)
     flat = _FLAT.get(model)
     params = _trainable(model)
-    if flat is not None and _flat_matches(flat, params):
+    if flat is not None and _flat_matches(flat, params) and not flat.is_stale():
         return flat
     from .flat import FlatParameters
 
@@ -550,8 +586,32 @@ def _reduce_grads(flat, group) -> None:
             all_reduce_sum(g, group)
 
 
-def _finish(flat, optimizer, scheduler, max_grad_norm, impl: str) -> torch.Tensor:
-    """Clip (fused, on the flat grads), optimizer step, scheduler step, zero the flat grads."""
+def _start_guard(optimizer, flat, config, owner: str):
+    """The optimizer's :class:`~antibody_fast.guard.UpdateGuard` (checks once that the optimizer holds some of
+    the trainable parameters), polled for the consecutive-skip limit. Raises before anything is changed."""
+    from .guard import guard_for
+
+    guard = guard_for(optimizer, flat, owner)
+    guard.poll(config.max_consecutive_skips if config.guard_nonfinite else None, owner)
+    return guard
+
+
+def _finish(
+    flat,
+    optimizer,
+    scheduler,
+    max_grad_norm,
+    impl: str,
+    *,
+    guard=None,
+    ok: torch.Tensor | None = None,
+    max_consecutive_skips: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clip (fused, on the flat grads), optimizer step, scheduler step, zero the flat grads.
+
+    With ``guard`` (an :class:`~antibody_fast.guard.UpdateGuard`) the update is undone on the device when
+    ``ok`` (0-dim bool: the step's own finiteness checks) or the finiteness of the gradient norm or of the
+    result is false. Returns ``(grad norm before clipping, skipped flag or None)``; no host sync."""
     from .ops.flat_ops import clip_, sq_norm
 
     grads = flat.grad_buffers
@@ -560,11 +620,19 @@ def _finish(flat, optimizer, scheduler, max_grad_norm, impl: str) -> torch.Tenso
             norm = sq_norm(grads, impl=impl).sqrt()
         else:
             norm = clip_(grads, float(max_grad_norm), impl=impl)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    if guard is None:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        flat.zero_grad()
+        return norm, None
+    with torch.no_grad():
+        good = torch.isfinite(norm)
+        if ok is not None:
+            good = good & ok
+    skipped = guard.step(optimizer, scheduler, good, max_consecutive_skips)
     flat.zero_grad()
-    return norm
+    return norm, skipped
 
 
 def _token_mean_loss(
@@ -655,6 +723,7 @@ def weighted_step(
         _check_refusal(mb, device, name, config.validate)
 
     _, parts, flat, device = _prepare(model)
+    guard = _start_guard(optimizer, flat, config, "weighted_step")
     group = config.process_group
     k = len(batches)
     per_sample: dict[str, list[torch.Tensor]] = {
@@ -676,10 +745,19 @@ def weighted_step(
         lv = _global_loss_value(loss, group)
         loss_total = lv if loss_total is None else loss_total + lv
     _reduce_grads(flat, group)
-    grad_norm = _finish(flat, optimizer, scheduler, config.max_grad_norm, config.impl)
+    grad_norm, skipped = _finish(
+        flat,
+        optimizer,
+        scheduler,
+        config.max_grad_norm,
+        config.impl,
+        guard=guard if config.guard_nonfinite else None,
+        ok=torch.isfinite(loss_total),
+        max_consecutive_skips=config.max_consecutive_skips,
+    )
 
     cat = {key: torch.cat(v) for key, v in per_sample.items()}
-    out = StepStats(loss=loss_total / k, grad_norm=grad_norm, **cat)
+    out = StepStats(loss=loss_total / k, grad_norm=grad_norm, skipped=skipped, **cat)
     if len(harmful_flags) == k:
         flags = torch.cat(harmful_flags)
         w = cat["weights"]
@@ -773,6 +851,7 @@ def sft_step(
             mb, device, "sft_step" if len(batches) == 1 else f"sft_step: micro-batch {i}", config.validate
         )
     _, parts, flat, device = _prepare(model)
+    guard = _start_guard(optimizer, flat, config, "sft_step")
     group = config.process_group
     k = len(batches)
     loss_total = None
@@ -784,8 +863,17 @@ def sft_step(
         loss_total = lv if loss_total is None else loss_total + lv
         ntok.append(out.num_tokens)
     _reduce_grads(flat, group)
-    grad_norm = _finish(flat, optimizer, scheduler, config.max_grad_norm, config.impl)
-    return StepStats(loss=loss_total / k, grad_norm=grad_norm, num_tokens=torch.cat(ntok))
+    grad_norm, skipped = _finish(
+        flat,
+        optimizer,
+        scheduler,
+        config.max_grad_norm,
+        config.impl,
+        guard=guard if config.guard_nonfinite else None,
+        ok=torch.isfinite(loss_total),
+        max_consecutive_skips=config.max_consecutive_skips,
+    )
+    return StepStats(loss=loss_total / k, grad_norm=grad_norm, num_tokens=torch.cat(ntok), skipped=skipped)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -855,6 +943,7 @@ def align_step(
         _check_lm_batch(batch.refusal, device, "align_step: batch.refusal", config.validate)
 
     _, parts, flat, device = _prepare(model)
+    guard = _start_guard(optimizer, flat, config, "align_step")
     group = config.process_group
     impl = config.impl
     from .ops.flat_ops import antibody_combine_, grad_dots
@@ -875,7 +964,7 @@ def align_step(
         with torch.no_grad():
             _copy_into(g_h, grads)
         flat.zero_grad()
-        with flat.perturbed(g_h, config.rho, eps=1e-7, impl=impl):
+        with flat.perturbed(g_h, config.rho, eps=1e-7, impl=impl) as pert:
             stats.loss_perturbed = pass_(batch.harmful)  # g_p
             with torch.no_grad():
                 _copy_into(g_p, grads)
@@ -889,6 +978,18 @@ def align_step(
     stats.loss = stats.loss_align
     stats.num_tokens = batch.align.num_answer_tokens
 
+    with torch.no_grad():
+        ok = torch.isfinite(stats.loss_align)
+        if need_h:
+            ok = (
+                ok
+                & torch.isfinite(stats.loss_harmful)
+                & torch.isfinite(stats.loss_perturbed)
+                & ~pert.nonfinite
+            )
+        if need_r:
+            ok = ok & torch.isfinite(stats.loss_refusal)
+    prev = None
     if need_h:
         with torch.no_grad():
             dots = grad_dots(grads, g_h, g_p, impl=impl)
@@ -900,11 +1001,14 @@ def align_step(
             else:  # constant
                 raw = torch.full((), float(config.eta), dtype=torch.float32, device=device)
             m = float(config.momentum)
-            if state.lambda_ema is None or state.step == 0 or m == 0.0:
+            if state.lambda_ema is not None:
+                prev = state.lambda_ema.to(device=device, dtype=torch.float32)
+            if prev is None or state.step == 0 or m == 0.0:
                 lam = raw.clone()
             else:
-                prev = state.lambda_ema.to(device=device, dtype=torch.float32)
-                lam = m * prev + (1.0 - m) * raw
+                # a NaN EMA means "not started" (every earlier step was skipped by the guard)
+                lam = torch.where(torch.isnan(prev), raw, m * prev + (1.0 - m) * raw)
+            ok = ok & torch.isfinite(lam)
             antibody_combine_(grads, grads, g_h, g_p, g_r, lam, float(config.lambda_ref), impl=impl)
             # the logged objective of δ (device tensors, no sync): L_A + λ_t (L_H - L_P) + λ_ref L_R
             combined = stats.loss_align + lam * (stats.loss_harmful - stats.loss_perturbed)
@@ -912,12 +1016,29 @@ def align_step(
                 combined = combined + float(config.lambda_ref) * stats.loss_refusal
         stats.dots, stats.cos, stats.lambda_raw, stats.lambda_t = dots, cos, raw, lam
         stats.loss_combined = combined
-        state.lambda_ema = lam
     else:
         stats.lambda_t = torch.zeros((), dtype=torch.float32, device=device)
         stats.loss_combined = stats.loss_align
+    stats.grad_norm, stats.skipped = _finish(
+        flat,
+        optimizer,
+        scheduler,
+        config.max_grad_norm,
+        impl,
+        guard=guard if config.guard_nonfinite else None,
+        ok=ok,
+        max_consecutive_skips=config.max_consecutive_skips,
+    )
+    # AlignState changes only after the optimizer step succeeded; a skipped step keeps the previous EMA
+    # (NaN = not started when there is none yet; AlignState.state_dict maps it back to None).
+    if need_h:
+        if stats.skipped is not None:
+            with torch.no_grad():
+                keep = prev if prev is not None else torch.full_like(lam, float("nan"))
+                lam = torch.where(stats.skipped, keep, lam)
+            stats.lambda_t = lam
+        state.lambda_ema = lam
     state.step += 1
-    stats.grad_norm = _finish(flat, optimizer, scheduler, config.max_grad_norm, impl)
     return stats
 
 

@@ -173,6 +173,14 @@ TRAIN = [
     ),
     Opt("save_every", int, 0, "write a checkpoint every N steps (0: only at the end)"),
     Opt("resume", bool, False, "resume from OUTPUT/checkpoint.pt", flag=True),
+    Opt(
+        "force",
+        bool,
+        False,
+        "with --resume: accept a checkpoint written with other run options (recorded in "
+        "OUTPUT/resume_overrides.jsonl)",
+        flag=True,
+    ),
     Opt("stop_after", int, None, "stop after this many steps in this run (simulates an interruption)"),
     Opt("log_every", int, 1, "write a metrics line every N steps"),
     Opt("impl", str, "auto", "fused-op implementation", choices=("auto", "triton", "cpp", "torch")),
@@ -263,7 +271,14 @@ EVALUATE = [
         "judge_model",
         str,
         None,
-        "local HF sequence classifier used as HS judge (default: refusal-pattern proxy)",
+        "local HF moderation model used as HS judge (default: refusal-pattern proxy)",
+    ),
+    Opt(
+        "judge_kind",
+        str,
+        "classifier",
+        "kind of --judge-model: a sequence classifier, or a causal LM that answers safe/unsafe (Llama-Guard style)",
+        choices=("classifier", "causal-lm"),
     ),
     Opt("max_new_tokens", int, 128, "greedy generation length"),
     Opt("num_eval", int, None, "use only the first N records of each evaluation file"),
@@ -342,7 +357,9 @@ def _show(v) -> str:
 
 def _default_help(command: str, o: Opt) -> str:
     """`` (default: X; --recipe paper: Y)``: where each default comes from, recipe by recipe."""
-    shown = o.default is not None and o.default is not False and o.default != []  # (0 == False: test identity)
+    shown = (
+        o.default is not None and o.default is not False and o.default != []
+    )  # (0 == False: test identity)
     parts = [f"default: {_show(o.default)}"] if shown else []
     for name in RECIPES:
         values = recipe_values(name, command)
@@ -550,6 +567,14 @@ def _check_ranges(command: str, o: dict) -> None:
             v = o[name]
             if not math.isfinite(v) or v < 0:
                 raise CLIError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        if o["lr"] * o["weight_decay"] >= 1:
+            raise CLIError(
+                f"--lr x --weight-decay must be < 1 (AdamW multiplies the weights by 1 - lr * weight_decay each "
+                f"step), got {o['lr']} x {o['weight_decay']}"
+            )
+        a = o.get("lora_alpha")
+        if a is not None and not (math.isfinite(a) and a > 0):
+            raise CLIError(f"--lora-alpha must be a finite number > 0, got {a}")
     if command == "finetune":
         p = o["harmful_ratio"]
         if not (math.isfinite(p) and 0.0 <= p <= 1.0):
@@ -592,6 +617,13 @@ def _resolve_device(name: str):
         raise CLIError(f"--device {name!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        try:  # e.g. mps / xpu: usable only when this torch build supports it
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            raise CLIError(
+                f"--device {name!r}: not usable with this torch build ({' '.join(str(e).split())})"
+            ) from None
     return dev
 
 
@@ -824,9 +856,19 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def _save_adapter(model, out_dir: str, metadata: dict | None = None) -> str:
     """PEFT ``save_pretrained`` into a temporary directory, plus ``metadata`` (which command and method made
-    the adapter: :func:`antibody_fast.models.write_adapter_metadata`), then renamed to ``out_dir/adapter``."""
+    the adapter: :func:`antibody_fast.models.write_adapter_metadata`), then renamed to ``out_dir/adapter``.
+    An adapter with non-finite values is never written (the last good one is kept)."""
+    import torch
+
+    from .checkpoint import NonFiniteCheckpointError
     from .models import write_adapter_metadata
 
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"refusing to write the adapter: non-finite values (NaN/inf) in {', '.join(bad[:3])}"
+            f"{'...' if len(bad) > 3 else ''}; the last good checkpoint is kept"
+        )
     final = os.path.join(out_dir, "adapter")
     tmp = tempfile.mkdtemp(prefix=".tmp-adapter.", dir=out_dir)
     try:
@@ -1076,6 +1118,10 @@ def _train_loop(
     main = _WORLD.main
     if main:
         os.makedirs(out_dir, exist_ok=True)
+        _lock_output(out_dir)
+        from .checkpoint import cleanup_temporaries
+
+        cleanup_temporaries(os.path.join(out_dir, "checkpoint.pt"))
         config = {"command": command, **opts, "world_size": _WORLD.size, **run_info}
         _atomic_write_text(os.path.join(out_dir, "run_config.json"), json.dumps(config, indent=2))
     metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start if resumed else None) if main else None
@@ -1128,6 +1174,71 @@ def _train_loop(
         _save_adapter(model, out_dir, meta)
     _WORLD.barrier()
     return True
+
+
+_LOCKS: list = []  # open lock files of this process (released in main())
+
+
+def _lock_output(out_dir: str) -> None:
+    """Hold ``OUTPUT/.lock`` (an exclusive ``flock``, released when the process ends, even on SIGKILL): a second
+    run into the same ``--output`` stops with exit 2 instead of overwriting the first one's files."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        return
+    f = open(os.path.join(out_dir, ".lock"), "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CLIError(
+            f"--output {out_dir!r} is in use by another antibody-fast run (lock {os.path.join(out_dir, '.lock')!r}); "
+            "wait for it to finish or choose another --output"
+        ) from None
+    _LOCKS.append(f)
+
+
+# options that do not change what a run computes (everything else is part of the resume fingerprint)
+_NOT_FINGERPRINTED = frozenset(
+    (
+        "output",
+        "resume",
+        "force",
+        "save_every",
+        "stop_after",
+        "no_progress",
+        "log_every",
+        "device",
+        "impl",
+        "config",
+        "recipe",  # the resolved values are fingerprinted, not where they came from
+        "dry_run",
+    )
+    + ("batch_size", "steps")  # checked on their own: global batch (processes x batch) and steps >= completed
+)
+
+
+def _fingerprint(opts: dict, command: str) -> dict:
+    """The options that define a run (data, method, seed, model, LoRA shape, hyper-parameters), as plain values."""
+    fp = {"command": command}
+    for k, v in sorted(opts.items()):
+        if k not in _NOT_FINGERPRINTED:
+            fp[k] = list(v) if isinstance(v, (list, tuple)) else v
+    return fp
+
+
+def _resume_checked(ckpt: str, opts: dict, command: str, out_dir: str) -> dict:
+    """Load-time fingerprint arguments for ``load_checkpoint``; with ``--force`` a mismatch is recorded."""
+    fp = _fingerprint(opts, command)
+    if opts.get("force"):
+        from .checkpoint import fingerprint_diff, read_checkpoint
+
+        diff = fingerprint_diff(read_checkpoint(ckpt).get("fingerprint"), fp)
+        if diff and _WORLD.main:
+            _say(f"{command}: --force: resuming despite changed options: {'; '.join(diff)}")
+            with open(os.path.join(out_dir, "resume_overrides.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": time.time(), "differing": diff}) + "\n")
+    return {"fingerprint": fp, "force": bool(opts.get("force"))}
 
 
 def _templated(records: list[dict], opts: dict) -> list[dict]:
@@ -1262,8 +1373,10 @@ def _run_align(opts: dict, sources: dict) -> int:
     state = AlignState() if two_sets else None  # λ's EMA (Antibody; Booster keeps it constant)
     start = 0
     if ckpt is not None:
-        extra = load_checkpoint(ckpt, model, optimizer, scheduler, state)
-        start = _checked_extra(extra, "align", ckpt, bs * world, method)["step"]
+        extra = load_checkpoint(
+            ckpt, model, optimizer, scheduler, state, **_resume_checked(ckpt, opts, "align", out_dir)
+        )
+        start = _checked_extra(extra, "align", ckpt, bs * world, method, opts["steps"])["step"]
 
     def make_batch(step):  # this rank's slice of the step's global batch
         pos = (step * world + rank) * bs
@@ -1305,7 +1418,9 @@ def _run_align(opts: dict, sources: dict) -> int:
         if _WORLD.main:
             path = os.path.join(out_dir, "checkpoint.pt")
             extra = {"command": "align", "method": method, "step": step, "global_batch": bs * world}
-            save_checkpoint(path, model, optimizer, scheduler, state, extra=extra)
+            save_checkpoint(
+                path, model, optimizer, scheduler, state, extra=extra, fingerprint=_fingerprint(opts, "align")
+            )
         _WORLD.barrier()
 
     run_info = {"option_sources": sources, "num_align_used": len(align)}
@@ -1348,7 +1463,7 @@ def _precheck(collate, batches: list, what: str) -> None:
             raise CLIError(f"{what}: {e}") from None
 
 
-def _checked_extra(extra, command: str, path: str, global_batch: int, method: str) -> dict:
+def _checked_extra(extra, command: str, path: str, global_batch: int, method: str, steps: int) -> dict:
     if (
         not isinstance(extra, dict)
         or extra.get("command") != command
@@ -1365,6 +1480,10 @@ def _checked_extra(extra, command: str, path: str, global_batch: int, method: st
         raise CLIError(
             f"--resume: {path!r} was written with {saved} samples per step (--batch-size x processes), this run "
             f"has {global_batch}: the data order would not continue; keep --batch-size x processes the same"
+        )
+    if extra["step"] > steps:
+        raise CLIError(
+            f"--resume: {path!r} has already completed {extra['step']} steps, more than --steps {steps}"
         )
     return extra
 
@@ -1457,8 +1576,10 @@ def _run_finetune(opts: dict, sources: dict) -> int:
     count = torch.zeros(n_all, dtype=torch.float64, device=device)
     start = 0
     if ckpt is not None:
-        extra = load_checkpoint(ckpt, model, optimizer, scheduler, lisa_state)
-        start = _checked_extra(extra, "finetune", ckpt, bs * world, method)["step"]
+        extra = load_checkpoint(
+            ckpt, model, optimizer, scheduler, lisa_state, **_resume_checked(ckpt, opts, "finetune", out_dir)
+        )
+        start = _checked_extra(extra, "finetune", ckpt, bs * world, method, opts["steps"])["step"]
         if extra["sum_w"].shape != (n_all,):
             raise CLIError(
                 f"--resume: {ckpt!r} was written for {extra['sum_w'].shape[0]} user samples, not {n_all}"
@@ -1526,8 +1647,15 @@ def _run_finetune(opts: dict, sources: dict) -> int:
         if _WORLD.main:
             extra = {"command": "finetune", "method": method, "step": step, "global_batch": bs * world}
             extra.update(sum_w=total_w.cpu(), count=total_c.cpu())
-            path = os.path.join(out_dir, "checkpoint.pt")
-            save_checkpoint(path, model, optimizer, scheduler, lisa_state, extra=extra)
+            save_checkpoint(
+                os.path.join(out_dir, "checkpoint.pt"),
+                model,
+                optimizer,
+                scheduler,
+                lisa_state,
+                extra=extra,
+                fingerprint=_fingerprint(opts, "finetune"),
+            )
         _WORLD.barrier()
 
     run_info = {
@@ -1599,12 +1727,12 @@ def _run_evaluate(opts: dict) -> int:
         _check_model_source(opts["judge_model"])
     device = _resolve_device(opts["device"])
 
-    from .evaluate import ClassifierJudge, RefusalPatternJudge, evaluate_model
+    from .evaluate import RefusalPatternJudge, evaluate_model, make_judge
 
     model, tokenizer = _load_model(opts, device, train=False)
     if opts["judge_model"]:
         try:
-            judge = ClassifierJudge(opts["judge_model"], device=device)
+            judge = make_judge(opts["judge_model"], opts["judge_kind"], device=device)
         except (OSError, ValueError) as e:
             raise CLIError(f"--judge-model {opts['judge_model']!r}: {e}") from None
     else:
@@ -1666,18 +1794,45 @@ def _dry_run(command: str, opts: dict, sources: dict, missing: list[str]) -> int
 RUNNERS = {"align": _run_align, "finetune": _run_finetune, "evaluate": _run_evaluate}
 
 
+def _user_errors() -> tuple:
+    """The exceptions the CLI reports as a one-line message with exit 2 (no traceback): user errors and the
+    library's typed errors. ValueError covers UnicodeDecodeError, json errors, CheckpointMismatchError and
+    NonFiniteCheckpointError; OSError covers a read-only --output and a full disk."""
+    from .data.loaders import DataError
+    from .flat import StaleFlatParametersError
+    from .guard import NonFiniteError
+
+    return (
+        CLIError,
+        DataError,
+        ValueError,
+        OSError,
+        RecursionError,
+        NonFiniteError,
+        StaleFlatParametersError,
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (OSError, RecursionError, UnicodeDecodeError)) and type(e).__name__ not in msg:
+        msg = f"{type(e).__name__}: {msg}"
+    return msg[:2000]
+
+
 def main(command: str, argv: Sequence[str] | None = None) -> int:
     """Run ``antibody-fast <command> <argv>`` for ``command`` in ``align``, ``finetune``, ``evaluate``.
 
-    Returns the exit status: 0 on success, 2 on a user error (message on stderr, nothing written).
+    Returns the exit status: 0 on success, 2 on a user error: one line on stderr, no traceback
+    (``ANTIBODY_FAST_DEBUG=1`` re-raises it). The user errors are :func:`_user_errors` (bad options or data,
+    non-UTF-8 or too deeply nested input, a missing / read-only / locked / full output, a checkpoint of another
+    run, repeated non-finite steps); other exceptions are bugs and keep their traceback.
     """
     if command not in RUNNERS:
         _say(
             f"antibody-fast: unknown command {command!r} for train_cli (expected one of {', '.join(COMMANDS)})"
         )
         return 2
-    from .data.loaders import DataError
-
     try:
         args = list(sys.argv[1:] if argv is None else argv)
         if command == "evaluate":
@@ -1700,9 +1855,14 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
             _WORLD.close()
     except SystemExit as e:  # --help
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    except (CLIError, DataError, FileNotFoundError) as e:
-        _say(f"antibody-fast {command}: error: {e}")
+    except Exception as e:  # one handler: the library's typed errors and user errors -> one line, exit 2
+        if not isinstance(e, _user_errors()) or os.environ.get("ANTIBODY_FAST_DEBUG"):
+            raise
+        _say(f"antibody-fast {command}: error: {_one_line(e)}")
         return 2
+    finally:
+        while _LOCKS:
+            _LOCKS.pop().close()
 
 
 if __name__ == "__main__":  # pragma: no cover

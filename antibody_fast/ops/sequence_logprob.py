@@ -54,6 +54,7 @@ For a frozen weight the choice between precompute and recompute is ``FROZEN_STRA
 overridable with the environment variable ``ANTIBODY_FAST_FROZEN_STRATEGY=precompute|recompute``.
 """
 
+import math
 import os
 from typing import NamedTuple
 
@@ -181,6 +182,11 @@ def _rows(
                 f"got {tuple(labels.shape)}"
             )
         B, T = labels.shape
+        if T == 0:
+            raise ValueError(
+                f"{op}: the sequences are empty (labels {tuple(labels.shape)}: T = 0 positions); every sequence "
+                "needs at least one position (use the packed form with seq_ids for an empty set of rows)"
+            )
         labels = labels.long()
         if shift:
             targets = torch.cat([labels[:, 1:], labels.new_full((B, 1), ignore_index)], dim=1)
@@ -734,8 +740,13 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _check_softcap(softcap, op):
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
-        raise ValueError(f"{op}: softcap must be a positive float or None, got {softcap!r}")
+    if (
+        isinstance(softcap, bool)
+        or not isinstance(softcap, (int, float))
+        or not softcap > 0
+        or not math.isfinite(softcap)
+    ):
+        raise ValueError(f"{op}: softcap must be a finite positive float or None, got {softcap!r}")
     return float(softcap)
 
 
