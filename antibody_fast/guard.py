@@ -172,6 +172,7 @@ class UpdateGuard:
             torch._foreach_copy_(self._theta_backup, theta)
             before = self._state_items(optimizer)
             keys_before = set()
+            dsts, srcs = [], []
             for st, k, v in before:
                 key = (id(st), k)
                 keys_before.add(key)
@@ -179,7 +180,17 @@ class UpdateGuard:
                 if b is None or b.shape != v.shape or b.dtype != v.dtype or b.device != v.device:
                     b = torch.empty_like(v)
                     self._state_backup[key] = b
-                b.copy_(v)
+                dsts.append(b)
+                srcs.append(v)
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+            if len(self._state_backup) > len(
+                keys_before
+            ):  # state replaced (load_state_dict): drop old buffers
+                self._state_backup = {k: self._state_backup[k] for k in keys_before}
+                live = {id(st) for st, _, _ in before}
+                self._host_counters = [(st, k) for st, k in self._host_counters if id(st) in live]
+                self._host_keys = {(id(st), k) for st, k in self._host_counters}
             for p in self.flat.parameters:
                 fresh_before[id(p)] = not optimizer.state.get(p)
         optimizer.step()

@@ -349,3 +349,16 @@ def test_options_that_can_only_give_nonfinite_results_are_refused():
             AlignConfig(**cfg).check()
     with pytest.raises(ValueError, match="rho"):
         LisaConfig(rho=float("inf")).validate()
+
+
+def test_guard_backups_do_not_grow_across_optimizer_reloads():
+    from antibody_fast import guard as guard_mod
+
+    model = tiny_model("llama")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for i in range(3):
+        sft_step(model, make_finetune_batch(3, seed=80 + i).answer_view(), opt)
+        opt.load_state_dict(opt.state_dict())  # replaces every per-parameter state dict
+    g = guard_mod.peek_guard(opt)
+    n_state = sum(len(s) for s in opt.state.values())
+    assert len(g._state_backup) == n_state
