@@ -145,82 +145,103 @@ def _variant(module, kernel, label, args, constexprs, warps, stages, group, **kw
 
 
 def _lm_head_variants() -> list[Variant]:
+    """The fused lm_head kernels: every autotune configuration of ``LINEAR_CONFIGS`` (CUDA kinds) x dtype x
+    bias / softcap / gradient flags, at the benchmark shapes (H = 4096, V = 32000, N = 4096)."""
     import torch
 
     slp = importlib.import_module("antibody_fast.ops.sequence_logprob")
-
     cuda = torch.device("cuda")
+    H, V, N = 4096, 32000, 4096  # V = 128256 specialises the same way (divisible by 16)
+    chunk, dz_w = 1792, 32768  # forward chunk / dz buffer width at these shapes (any multiple of 256)
+    m = "sequence_logprob"
     out = []
-    H, V = 4096, 32000  # the benchmark shapes (both divisible by 16); V = 128256 specialises the same way
+
+    def add(kernel, label, args, cx, cfg, tc, heavy):
+        bm, bv, bk, w, st = cfg
+        blocks = dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+        tag = f"{label} {bm}x{bv}x{bk} w{w} s{st}"
+        out.append(_variant(m, kernel, tag, args, {**cx, **blocks}, w, st, "lm_head", matmul_tc=tc))
+        if heavy:  # the heaviest flags of the first config once more without alignment hints
+            out.append(
+                _variant(
+                    m,
+                    kernel,
+                    tag + " unaligned",
+                    args,
+                    {**cx, **blocks},
+                    w,
+                    st,
+                    "lm_head",
+                    matmul_tc=tc,
+                    aligned=False,
+                )  # fmt: skip
+            )
+
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        BM, BV, BK, dot_f32, warps = slp._linear_blocks(dtype, cuda)
-        stages = 3  # Triton's default (the launchers pass none)
+        kind = slp._config_kind(dtype, cuda)
         p = _tt(dtype)
-        tc = not dot_f32
+        dz_p = p if kind == "tc" else "*fp32"
+        tc = kind == "tc"
+        dot = dict(DOT_F32=not tc)
+        cfgs = {stage: slp.LINEAR_CONFIGS[stage][kind] for stage in slp.LINEAR_CONFIGS}
         for bias in (False, True):
             for cap in (False, True):
-                flags = dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, DOT_F32=dot_f32)
-                blocks = dict(BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK)
-                tag = f"{p[1:]} bias={int(bias)} cap={int(cap)} {BM}x{BV}x{BK} w{warps}"
+                flags = dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, **dot)
+                lab = f"{p[1:]} bias={int(bias)} cap={int(cap)}"
                 fwd_args = dict(
-                    H_ptr=p, W_ptr=p, B_ptr=p, T_ptr="*i64", SID_ptr="*i64", PERM_ptr="*i64",
-                    NROWS_ptr="*i32", LSE_ptr="*fp32", LP_ptr="*fp32", K=H, V=V, stride_hm=H, stride_hk=1,
-                    stride_wv=H, stride_wk=1, softcap="fp32",
+                    H_ptr=p, W_ptr=p, B_ptr=p, T_ptr="*i64", PERM_ptr="*i64", NROWS_ptr="*i32", PM_ptr="*fp32",
+                    PL_ptr="*fp32", ZT_ptr="*fp32", K=H, V=V, v_chunk=chunk, stride_hm=H, stride_hk=1,
+                    stride_wv=H, stride_wk=1, stride_p=N, softcap="fp32",
                 )  # fmt: skip
-                for aligned in (True, False) if bias and cap else (True,):
-                    out.append(
-                        _variant(
-                            "sequence_logprob",
-                            "_linear_fwd_kernel",
-                            tag + ("" if aligned else " unaligned"),
-                            fwd_args,
-                            {**flags, **blocks},
-                            warps,
-                            stages,
-                            "lm_head",
-                            matmul_tc=tc,
-                            aligned=aligned,
-                        )  # fmt: skip
-                    )
-                grad_args = dict(
-                    H_ptr=p, W_ptr=p, B_ptr=p, T_ptr="*i64", SID_ptr="*i64", PERM_ptr="*i64",
-                    NROWS_ptr="*i32", LSE_ptr="*fp32", G_ptr="*fp32", DH_ptr="*fp32", DW_ptr="*fp32",
-                    DB_ptr="*fp32", K=H, V=V, stride_hm=H, stride_hk=1, stride_wv=H, stride_wk=1,
-                    stride_dhm=H, stride_dwv=H, softcap="fp32",
+                dz_args = dict(
+                    H_ptr=p, W_ptr=p, B_ptr=p, T_ptr="*i64", SID_ptr="*i64", PERM_ptr="*i64", NROWS_ptr="*i32",
+                    LSE_ptr="*fp32", G_ptr="*fp32", DZ_ptr=dz_p, K=H, v_lo=0, v_hi=V, stride_hm=H,
+                    stride_hk=1, stride_wv=H, stride_wk=1, stride_dz=dz_w, softcap="fp32",
                 )  # fmt: skip
-                # grad modes: precompute (dh only, no G), recompute frozen (dh), trainable (dh, dw, db)
-                modes = [("pre", False, True, False, False), ("dh", True, True, False, False)]
-                modes.append(("dh+dw" + ("+db" if bias else ""), True, True, True, bias))
-                for mname, has_g, ndh, ndw, ndb in modes:
-                    cx = dict(flags, HAS_G=has_g, NEED_DH=ndh, NEED_DW=ndw, NEED_DB=ndb, **blocks)
-                    out.append(
-                        _variant(
-                            "sequence_logprob",
-                            "_linear_grad_kernel",
-                            f"{tag} {mname}",
-                            grad_args,
-                            cx,
-                            warps,
-                            stages,
-                            "lm_head",
-                            matmul_tc=tc,
-                        )  # fmt: skip
-                    )
-                    if bias and cap and ndw:  # the heaviest mode once more without alignment hints
-                        out.append(
-                            _variant(
-                                "sequence_logprob",
-                                "_linear_grad_kernel",
-                                f"{tag} {mname} unaligned",
-                                grad_args,
-                                cx,
-                                warps,
-                                stages,
-                                "lm_head",
-                                matmul_tc=tc,
-                                aligned=False,
-                            )  # fmt: skip
-                        )
+                for i, cfg in enumerate(cfgs["fwd"]):
+                    add("_linear_fwd_kernel", lab, fwd_args, flags, cfg, tc, i == 0 and bias and cap)
+                for i, cfg in enumerate(cfgs["dz"]):
+                    add("_linear_dz_kernel", lab, dz_args, flags, cfg, tc, i == 0 and bias and cap)
+        dh_args = dict(
+            DZ_ptr=dz_p, W_ptr=p, PERM_ptr="*i64", NROWS_ptr="*i32", DH_ptr="*fp32", K=H, v_lo=0, v_hi=V,
+            stride_dz=dz_w, stride_wv=H, stride_wk=1, stride_dhm=H,
+        )  # fmt: skip
+        for i, cfg in enumerate(cfgs["dh"]):
+            add("_linear_dh_kernel", p[1:], dh_args, dot, cfg, tc, i == 0)
+        for mode, ndw, ndb in (("dw", True, False), ("dw+db", True, True), ("db", False, True)):
+            dw_args = dict(
+                DZ_ptr=dz_p, H_ptr=p, PERM_ptr="*i64", NROWS_ptr="*i32", DW_ptr=p if ndw else dz_p,
+                DB_ptr="*fp32", K=H, v_lo=0, v_hi=V, stride_dz=dz_w, stride_hm=H, stride_hk=1,
+                stride_dwv=H if ndw else 0,
+            )  # fmt: skip
+            cx = dict(NEED_DW=ndw, NEED_DB=ndb, **dot)
+            for i, cfg in enumerate(cfgs["dw"]):
+                add(
+                    "_linear_dw_kernel",
+                    f"{p[1:]} {mode}",
+                    dw_args,
+                    cx,
+                    cfg,
+                    tc and ndw,
+                    i == 0 and ndw and ndb,
+                )
+    BR, BC, warps = slp._COMBINE_BLOCKS["cuda"]
+    comb_args = dict(
+        PM_ptr="*fp32", PL_ptr="*fp32", ZT_ptr="*fp32", T_ptr="*i64", SID_ptr="*i64", PERM_ptr="*i64",
+        NROWS_ptr="*i32", LSE_ptr="*fp32", LP_ptr="*fp32", n_chunks=18, stride_p=N, V=V,
+    )  # fmt: skip
+    out.append(
+        _variant(
+            m,
+            "_lse_combine_kernel",
+            f"BR{BR} BC{BC} w{warps}",
+            comb_args,
+            dict(BLOCK_R=BR, BLOCK_C=BC),
+            warps,
+            3,
+            "lm_head",
+        )  # fmt: skip
+    )
     return out
 
 

@@ -76,13 +76,99 @@ def markdown(meta: dict, results: list[dict], predictions: str) -> str:
     return "\n".join(lines)
 
 
+# Assumed machine of the predictions (datasheet figures, not measured here): H100 SXM / H200, dense bf16.
+PEAK_BF16 = 989e12  # FLOP/s
+HBM_BW = {"H100 SXM": 3.35e12, "H200": 4.8e12}  # bytes/s
+SMS = 132
+EFFICIENCY = 0.75  # assumed sustained fraction of peak of a compute-bound Triton bf16 GEMM at 128-wide tiles
+
+
+def _stage_cost(stage: str, N: int, V: int, H: int, chunk_f: int, chunk_b: int) -> tuple[float, float, str]:
+    """(FLOPs, HBM bytes, the traffic counted) of one lm_head kernel over the whole op (all chunks), bf16.
+    HBM bytes count each operand once (W is shared by the programs in flight, H fits in L2) plus the
+    buffers the schedule adds."""
+    mm = 2.0 * N * V * H
+    n_fc = -(-V // chunk_f)
+    n_bc = -(-V // chunk_b)
+    if stage == "fwd":
+        return mm, 2 * V * H + 2 * N * H + 2 * n_fc * N * 4 + N * 4, "W + H once, partials"
+    if stage == "combine":
+        return 0.0, 2 * n_fc * N * 4 + N * 16, "partials, LSE, label logit"
+    if stage == "dz":
+        return mm, 2 * V * H + 2 * N * H * n_bc + 2 * N * V, "W + H per chunk, dz written"
+    if stage == "dh":
+        return mm, 2 * N * V + 2 * V * H + 8 * N * H * n_bc, "dz, W, dH (fp32) read+written per chunk"
+    if stage == "dw":
+        return mm, 2 * N * V + 2 * N * H * n_bc + 2 * V * H, "dz, H per chunk, dW written"
+    raise ValueError(stage)
+
+
 def predictions_markdown() -> str:
-    """The predicted cost table of the lm_head kernels, when the launcher module provides one."""
+    """Predicted cost of the fused lm_head kernels at the benchmark shapes (a roofline model: predictions to
+    be checked by benchmarks/gpu_suite.sh, not measurements)."""
     slp = importlib.import_module("antibody_fast.ops.sequence_logprob")
-    fn = getattr(slp, "gpu_cost_model", None)
-    if fn is None:
-        return ""
-    return fn()
+    N, H = 4096, 4096
+    lines = [
+        "## Predicted cost of the fused lm_head op (model, not measured)",
+        "",
+        f"bf16, N = {N} scored rows, H = {H}; assumed H100 SXM / H200: {PEAK_BF16 / 1e12:.0f} TFLOP/s dense bf16, "
+        f"HBM {HBM_BW['H100 SXM'] / 1e12:.2f} / {HBM_BW['H200'] / 1e12:.1f} TB/s, {SMS} SMs. "
+        f"Time per kernel = max(FLOPs / ({EFFICIENCY:.2f} x peak), HBM bytes / bandwidth), where "
+        f"{EFFICIENCY:.2f} is an assumed sustained fraction of a compute-bound Triton GEMM (not measured). "
+        "Arithmetic intensity (AI) = FLOPs / HBM bytes; the ridge point is "
+        f"{PEAK_BF16 / HBM_BW['H100 SXM']:.0f} FLOP/B (H100). Tile AI = FLOPs per byte loaded into shared memory "
+        "by one program of the largest configuration (output tile a x b: a*b / (a+b)).",
+        "",
+        "| V | kernel | grid (programs) | GFLOP | HBM MB | AI (FLOP/B) | tile AI | predicted ms (H100) | "
+        "expected fraction of bf16 peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for V in (32000, 128256):
+        # launcher choices on a 132-SM GPU (the same arithmetic as _fwd_chunk / _bwd_chunk)
+        row_tiles = -(-N // 128)
+        want = -(-4 * SMS // row_tiles)
+        chunk_f = max(256, (-(-V // want) // 256) * 256)
+        chunk_b = min(max(256, (slp._DZ_BUDGET // (N * 2) // 256) * 256), -(-V // 256) * 256)
+        n_fc = -(-V // chunk_f)
+        total_t = total_f = 0.0
+        for stage in ("fwd", "combine", "dz", "dh", "dw"):
+            fl, by, _ = _stage_cost(stage, N, V, H, chunk_f, chunk_b)
+            cfg = slp.LINEAR_CONFIGS.get(stage, {}).get("tc", [None])[-1]
+            if stage == "fwd":
+                grid = f"{row_tiles} x {n_fc} = {row_tiles * n_fc}"
+            elif stage == "combine":
+                grid = str(-(-N // slp._COMBINE_BLOCKS["cuda"][0]))
+            elif stage == "dz":
+                grid = f"{-(-N // cfg[0])} x {-(-chunk_b // cfg[1])} per chunk, {-(-V // chunk_b)} chunk(s)"
+            elif stage == "dh":
+                grid = f"{-(-N // cfg[0])} x {-(-H // cfg[2])} per chunk"
+            else:
+                grid = f"{-(-chunk_b // cfg[1])} x {-(-H // cfg[2])} per chunk"
+            t = max(fl / (EFFICIENCY * PEAK_BF16), by / HBM_BW["H100 SXM"])
+            total_t += t
+            total_f += fl
+            # output tile sides: fwd/dz BM x BV, dh BM x BK, dw BV x BK
+            a, b = {"fwd": (0, 1), "dz": (0, 1), "dh": (0, 2), "dw": (1, 2)}.get(stage, (0, 1))
+            tile_ai = f"{cfg[a] * cfg[b] / (cfg[a] + cfg[b]):.0f}" if cfg else "-"
+            ai = f"{fl / by:.0f}" if fl else "0 (memory-bound)"
+            frac = f"{fl / (t * PEAK_BF16):.0%}" if fl else "-"
+            lines.append(
+                f"| {V} | `{stage}` | {grid} | {fl / 1e9:.0f} | {by / 1e6:.0f} | {ai} | {tile_ai} | {t * 1e3:.3f} | "
+                f"{frac} |"
+            )
+        useful = 3 * 2.0 * N * V * H  # logits, dH, dW: what a materialising implementation computes
+        lines.append(
+            f"| {V} | **fwd+bwd (trainable W)** | {5 if chunk_b >= V else 2 + 3 * -(-V // chunk_b)} launches | "
+            f"{total_f / 1e9:.0f} | | | | {total_t * 1e3:.2f} | {total_f / (total_t * PEAK_BF16):.0%} executed, "
+            f"{useful / (total_t * PEAK_BF16):.0%} of the 3 useful matmuls |"
+        )
+    lines += [
+        "",
+        "The recompute of the logits in the backward (the price of never materialising them) is a 4th matmul: "
+        "even at the assumed GEMM efficiency the op reaches at most 3/4 of it on useful FLOPs. The frozen-lm_head "
+        "case (no dW) drops the `dw` row.",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -106,7 +192,7 @@ def main(argv=None) -> int:
         "seconds": time.perf_counter() - t0,
         "archs": a.arch,
     }
-    pred = predictions_markdown()
+    pred = predictions_markdown() if "lm_head" in {v.group for v in vs} else ""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = a.name or f"gpu-compile-{meta['date']}"
