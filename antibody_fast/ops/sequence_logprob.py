@@ -477,7 +477,7 @@ LINEAR_CONFIGS = {
         "interp": [(16, 32, 16, 4, 1)],
     },
     "dz": {
-        "tc": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)],
+        "tc": [(128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (128, 64, 64, 4, 3)],
         "f32": [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)],
         "interp": [(16, 32, 16, 4, 1)],
     },
@@ -620,7 +620,16 @@ def _triton_linear_grads(
             )  # fmt: skip
 
 
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a copy when its data pointer is not 16-byte aligned (a view with an offset): the kernels
+    are compiled and checked for aligned operands (antibody_fast/gpu_compile.py). No host sync."""
+    if t is None or t.device.type == "cpu" or t.data_ptr() % 16 == 0:
+        return t
+    return t.clone()
+
+
 def _triton_linear_fwd(hidden, weight, bias, targets, seq_ids, S, ng, softcap, ignore_index, mode):
+    hidden, weight, bias = _aligned(hidden), _aligned(weight), _aligned(bias)
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -638,8 +647,9 @@ def _triton_linear_fwd(hidden, weight, bias, targets, seq_ids, S, ng, softcap, i
     kind = _config_kind(hidden.dtype, dev)
     chunk = _fwd_chunk(N, V, dev)
     n_chunks = _cdiv(V, chunk)
-    part_m = torch.empty(n_chunks, N, dtype=f32, device=dev)
-    part_l = torch.empty(n_chunks, N, dtype=f32, device=dev)
+    n_pad = _cdiv(N, 16) * 16  # partial rows padded: the stride stays divisible by 16 (one specialization)
+    part_m = torch.empty(n_chunks, n_pad, dtype=f32, device=dev)
+    part_l = torch.empty(n_chunks, n_pad, dtype=f32, device=dev)
     z_t = torch.empty(N, dtype=f32, device=dev)
     b_arg = bias if bias is not None else hidden
     sc = float(softcap) if softcap is not None else 1.0
@@ -667,6 +677,7 @@ def _triton_linear_fwd(hidden, weight, bias, targets, seq_ids, S, ng, softcap, i
 def _triton_linear_bwd(
     grad, hidden, weight, bias, targets, seq_ids, lse, ng, softcap, ignore_index, nh, nw, nb
 ):
+    hidden, weight, bias = _aligned(hidden), _aligned(weight), _aligned(bias)
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
