@@ -622,23 +622,39 @@ def default_jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def run(todo: list[tuple[Variant, int]], jobs: int | None = None, progress: bool = False) -> list[dict]:
-    """Compile every (variant, arch) in worker processes (fresh Triton cache each run); results in order."""
+def run(
+    todo: list[tuple[Variant, int]],
+    jobs: int | None = None,
+    progress: bool = False,
+    time_limit_s: float | None = None,
+) -> list[dict | None]:
+    """Compile every (variant, arch) in worker processes (fresh Triton cache each run); results in order.
+    With ``time_limit_s``, compiles not finished by then are cancelled and their results are None."""
     jobs = jobs or default_jobs()
+    t0 = time.monotonic()
     results: list[dict | None] = [None] * len(todo)
     with tempfile.TemporaryDirectory(prefix="antibody_fast_gpu_compile_") as cache:
         ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(cache,)) as ex:
+        ex = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(cache,))
+        try:
             futs = {ex.submit(compile_one, v, a): i for i, (v, a) in enumerate(todo)}
-            for n, f in enumerate(cf.as_completed(futs), 1):
-                i = futs[f]
-                results[i] = f.result()
-                if progress:
-                    r = results[i]
-                    bad = "; ".join(r["violations"]) or "ok"
-                    print(f"[{n}/{len(todo)}] sm_{r['arch']} {r['kernel']}[{r['label']}] {r['seconds']}s {bad}",
-                          file=sys.stderr, flush=True)  # fmt: skip
-    return results  # type: ignore[return-value]
+            left = None if time_limit_s is None else max(0.0, time_limit_s - (time.monotonic() - t0))
+            try:
+                for n, f in enumerate(cf.as_completed(futs, timeout=left), 1):
+                    i = futs[f]
+                    r = results[i] = f.result()
+                    if progress:
+                        bad = "; ".join(r["violations"]) or "ok"
+                        print(f"[{n}/{len(todo)}] sm_{r['arch']} {r['kernel']}[{r['label']}] {r['seconds']}s {bad}",
+                              file=sys.stderr, flush=True)  # fmt: skip
+            except cf.TimeoutError:
+                print(
+                    f"time limit {time_limit_s:.0f} s: {results.count(None)} compiles cancelled",
+                    file=sys.stderr,
+                )
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+    return results
 
 
 def covering_subset(vs: list[Variant]) -> list[Variant]:
@@ -656,12 +672,13 @@ def covering_subset(vs: list[Variant]) -> list[Variant]:
 
 
 def todo_for(vs: list[Variant], archs=ARCHS, ci_only: bool = False) -> list[tuple[Variant, int]]:
-    """(variant, arch) pairs to compile: all of them, or (``ci_only``) the CI set: the covering subset at
-    every architecture plus the variants whose ``ci`` names the architecture."""
-    if not ci_only:
-        return [(v, a) for a in archs for v in vs]
+    """(variant, arch) pairs to compile: the CI set first (the covering subset at every architecture plus the
+    variants whose ``ci`` names the architecture), then, unless ``ci_only``, every other pair."""
     cover = covering_subset(vs)
-    return [(v, a) for a in archs for v in vs if v in cover or a in v.ci]
+    first = [(v, a) for v in vs for a in archs if v in cover or a in v.ci]
+    if ci_only:
+        return first
+    return first + [(v, a) for v in vs for a in archs if (v, a) not in first]
 
 
 def triton_version() -> str:
@@ -679,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args(argv)
     vs = [v for v in variants() if a.only in f"{v.group} {v.kernel} {v.label}"]
-    results = run(todo_for(vs, a.arch, a.ci), a.jobs, progress=True)
+    results = [r for r in run(todo_for(vs, a.arch, a.ci), a.jobs, progress=True) if r is not None]
     bad = [r for r in results if r["violations"]]
     if a.json:
         Path(a.json).write_text(json.dumps({"triton": triton_version(), "results": results}, indent=1))
