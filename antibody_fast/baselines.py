@@ -10,7 +10,7 @@ tests hold them equal to.
   gradients); pass 2, with the perturbation added, gives the gradient of the update. Pass 1 asks autograd for
   the attention-output gradients only, so it computes no parameter gradients.
 * **Lisa** (Huang et al. 2024): bi-state optimisation. ``K_a`` steps on alignment data then ``K_f`` steps on
-  user data, repeated; every step adds the proximal term ``rho_L / 2 * ||theta - theta_anchor||^2`` where the
+  user data, repeated; every step after the warm-up (``LisaConfig.warmup_fraction``) adds the proximal term ``rho_L / 2 * ||theta - theta_anchor||^2`` where the
   anchor is the trainable parameters at the last switch of state. The caller asks :meth:`LisaState.phase`
   which data the next step needs.
 
@@ -305,6 +305,11 @@ class LisaConfig:
         rho: ``rho_L``, weight of the proximal term ``rho_L / 2 * ||theta - theta_anchor||^2`` (authors: 0.01).
         max_grad_norm: clip of the global gradient norm (proximal gradient included); ``None``/0 disables it.
         first_phase: ``"align"`` (default) or ``"finetune"``: the state of step 0.
+        warmup_fraction: the authors' warm-up: the proximal term is off while
+            ``step <= warmup_fraction * total_steps`` (``step`` = the 0-based index of the step being taken, as
+            HF's ``state.global_step`` reads inside ``training_step``). Authors: 0.1.
+        total_steps: the run's total step count, which the warm-up needs. ``None`` (the default for library
+            callers that do not know it) turns the warm-up off; the CLI and the demo pass it.
     """
 
     align_steps: int = 100
@@ -312,6 +317,14 @@ class LisaConfig:
     rho: float = 0.01
     max_grad_norm: float | None = 1.0
     first_phase: str = "align"
+    warmup_fraction: float = 0.1
+    total_steps: int | None = None
+
+    def proximal_on(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) adds the proximal term: off during the authors' warm-up."""
+        if self.total_steps is None:
+            return True
+        return step > self.warmup_fraction * self.total_steps
 
     def validate(self) -> None:
         if self.align_steps < 0 or self.finetune_steps < 0 or self.align_steps + self.finetune_steps == 0:
@@ -325,6 +338,10 @@ class LisaConfig:
             raise ValueError(f"first_phase must be 'align' or 'finetune', got {self.first_phase!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if self.total_steps is not None and not (isinstance(self.total_steps, int) and self.total_steps >= 1):
+            raise ValueError(f"total_steps must be a positive int or None, got {self.total_steps!r}")
 
 
 @dataclass
@@ -414,8 +431,12 @@ def lisa_step(
         scheduler: stepped after the optimizer when given.
         impl: implementation of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
 
+    During the authors' warm-up (``config.proximal_on(state.step)`` false: the first ``warmup_fraction`` of
+    ``total_steps``) the proximal term is off and the step is plain SFT on the current state's data.
+
     Returns:
-        :class:`BaselineStats` with ``extra["proximal"]``, the proximal term's value before the update.
+        :class:`BaselineStats` with ``extra["proximal"]``, the proximal term's value before the update (0 during
+        the warm-up).
     """
     config = LisaConfig() if config is None else config
     flat = _check_lisa(model, batch, optimizer, state, config)
@@ -427,6 +448,7 @@ def lisa_step(
     elif state.is_switch(config):
         with torch.no_grad():
             torch._foreach_copy_(state.anchor, theta)
+    rho = float(config.rho) if config.proximal_on(state.step) else 0.0  # host ints only: no sync
     loss = _lm_loss(model, batch, impl)
     loss.backward()
     flat.ensure_grad_views()
@@ -434,9 +456,9 @@ def lisa_step(
     with torch.no_grad():
         # ||theta - anchor||^2 is the third of grad_dots(g, theta, anchor) (one fused pass, no temporary), and
         # the proximal gradient g += rho * (theta - anchor) is antibody_combine_ with lambda_t = rho.
-        prox = 0.5 * config.rho * grad_dots(grads, theta, state.anchor, impl=impl)[2]
-        if config.rho:
-            antibody_combine_(grads, grads, theta, state.anchor, None, float(config.rho), 0.0, impl=impl)
+        prox = 0.5 * rho * grad_dots(grads, theta, state.anchor, impl=impl)[2]
+        if rho:
+            antibody_combine_(grads, grads, theta, state.anchor, None, rho, 0.0, impl=impl)
     norm = _finish(flat, optimizer, scheduler, config.max_grad_norm or None, impl)  # 0 or None: no clip
     state.step += 1
     return BaselineStats(loss=loss.detach(), grad_norm=norm, extra={"proximal": prox})
@@ -463,7 +485,7 @@ def reference_lisa_step(
     prox = torch.zeros((), dtype=torch.float32, device=loss.device)
     for p, a in zip(params, state.anchor):
         prox = prox + ((p - a) ** 2).sum()
-    prox = config.rho / 2 * prox
+    prox = (config.rho if config.proximal_on(state.step) else 0.0) / 2 * prox
     (loss + prox).backward()
     norm = _reference_clip(params, config.max_grad_norm)
     optimizer.step()

@@ -246,3 +246,70 @@ def test_lisa_bad_input():
         lisa_step(m, _batch(0), opt, bad, LisaConfig())
     _assert_params(_params(m), before)
     assert st.step == 0 and st.anchor is None
+
+
+def _authors_lisa_port(model, batches, phases, rho, warmup_fraction, max_steps, lr):
+    """A naive port of the authors' Lisa loop (float64 oracle): the anchor is taken at every state switch, and
+    the proximal term is added only after the warm-up, i.e. when ``global_step > warmup_fraction * max_steps``
+    (``global_step`` = the number of updates already done, as HF's Trainer reads it inside ``training_step``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = None
+    for global_step, (batch, phase) in enumerate(zip(batches, phases)):
+        if anchor is None or phases[global_step - 1] != phase:
+            anchor = [p.detach().clone() for p in params]
+        out = model(**batch.model_inputs(), labels=batch.labels, use_cache=False)
+        loss = out.loss
+        if global_step <= warmup_fraction * max_steps:
+            pass  # warm-up: no proximal term
+        else:
+            loss = loss + rho / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+        loss.backward()
+        with torch.no_grad():
+            for p in params:
+                p -= lr * p.grad
+                p.grad = None
+
+
+@pytest.mark.parametrize("total", [10, 20])
+def test_lisa_warmup_matches_authors_rule(total):
+    """LisaConfig(warmup_fraction, total_steps): the proximal term is off while step <= fraction * total, as in
+    the authors' trainer; checked against a naive float64 port. Also checks that the warm-up changes the result
+    (so the comparison can fail) and that the logged proximal term is 0 during the warm-up."""
+    steps = 6
+    cfg = LisaConfig(align_steps=2, finetune_steps=2, rho=2.0, max_grad_norm=None, total_steps=total)
+    lean = _model()
+    oracle = copy.deepcopy(lean).double()
+    no_warmup = copy.deepcopy(lean)
+    st, st_nw = LisaState(), LisaState()
+    o, o_nw = torch.optim.SGD(_trainable(lean), lr=0.5), torch.optim.SGD(_trainable(no_warmup), lr=0.5)
+    batches = [_batch(300 + i) for i in range(steps)]
+    phases = [st.phase(cfg, i) for i in range(steps)]
+    proximal = []
+    for i in range(steps):
+        proximal.append(float(lisa_step(lean, batches[i], o, st, cfg).extra["proximal"]))
+        cfg_nw = LisaConfig(align_steps=2, finetune_steps=2, rho=2.0, max_grad_norm=None)
+        lisa_step(no_warmup, batches[i], o_nw, st_nw, cfg_nw)
+    _authors_lisa_port(oracle, batches, phases, 2.0, 0.1, total, 0.5)
+    _assert_params(_params(lean), _params(oracle))
+    warm = [i for i in range(steps) if i <= 0.1 * total]
+    assert all(proximal[i] == 0.0 for i in warm), proximal
+    # the first step after the warm-up inside a state (not at a switch) has a non-zero proximal term
+    later = [i for i in range(steps) if i > 0.1 * total and phases[i] == phases[i - 1]]
+    assert later and all(proximal[i] > 0.0 for i in later), proximal
+    diff = max((a - b).abs().max().item() for a, b in zip(_params(lean), _params(no_warmup)))
+    assert diff > 1e-4, f"the warm-up did not change the parameters (max |diff| {diff:.3e})"
+
+
+def test_lisa_warmup_validation():
+    m = _model()
+    opt = _opt(m, "sgd")
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        lisa_step(m, _batch(0), opt, LisaState(), LisaConfig(warmup_fraction=1.5, total_steps=10))
+    with pytest.raises(ValueError, match="total_steps"):
+        lisa_step(m, _batch(0), opt, LisaState(), LisaConfig(total_steps=0))
+    assert LisaConfig().proximal_on(0)  # no total_steps: no warm-up
+    assert not LisaConfig(total_steps=10).proximal_on(1) and LisaConfig(total_steps=10).proximal_on(2)
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
