@@ -7,7 +7,7 @@ SFT alignment (``sft_step`` on harmful -> refusal pairs, AdamW lr 5e-4, weight d
 ``align_steps``), then SFT fine-tuning that continues the alignment adapter with a new AdamW, on the demo's
 default poisoned user set (seed 0, harmful ratio 0.2), for a fixed number of steps at each learning rate of
 ``--lrs`` (upward from the paper's 1e-5). FA on the held-out task prompts every ``--eval-every`` steps; HS at the
-end (recorded, not used by the rule).
+end: not measured (the rule does not use it; it saves CPU time).
 
 Rule (fixed before the search ran): ``plateau`` = the best final FA over the searched learning rates. The chosen
 learning rate is the smallest whose final FA is within ``--tolerance`` points of the plateau **and** at least
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -34,17 +33,40 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="topic")
     p.add_argument("--lrs", default="1e-5,3e-5,1e-4,3e-4,1e-3")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--eval-every", type=int, default=15)
+    p.add_argument("--partial", action="store_true", help="write the search only (no rule); see --combine")
+    p.add_argument("--combine", nargs="+", default=None, help="partial JSONs to merge, then apply the rule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--harmful-ratio", type=float, default=0.2)
     p.add_argument("--tolerance", type=float, default=5.0)
     p.add_argument("--above-chance", type=float, default=25.0)
     p.add_argument("--max-label-share", type=float, default=0.9)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--note", default="")
     p.add_argument("--out", default="benchmarks/results/smollm2_calibration.json")
     args = p.parse_args(argv)
+
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.combine:  # merge partial searches (run in parallel processes), then apply the rule
+        parts = [json.load(open(f)) for f in args.combine]
+        report = parts[0]
+        report["search"] = [r for part in parts for r in part["search"]]
+        report["parts"] = [
+            {
+                "file": os.path.basename(f),
+                "lrs": [r["lr"] for r in part["search"]],
+                "wall_s": part["wall_s"],
+                "aligned": part["aligned"],
+            }
+            for f, part in zip(args.combine, parts)
+        ]
+
+        def write_combined():
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+
+        return apply_rule(report, args, log, write_combined)
 
     from antibody_fast.demo import natural as nat
     from antibody_fast.demo import run as toy
@@ -61,7 +83,6 @@ def main(argv=None) -> int:
         progress=False,
         threads=args.threads,
     )
-    log = lambda s: print(s, flush=True)  # noqa: E731
     t_start = time.perf_counter()
     base, tok = smollm2()
     base.requires_grad_(False)
@@ -84,8 +105,8 @@ def main(argv=None) -> int:
             "finetuning": f"sft_step continuing the alignment adapter, new AdamW (wd {cfg.weight_decay:g}), batch "
             f"{cfg.batch_size}, {args.steps} steps, user set {cfg.samples} samples, harmful ratio "
             f"{args.harmful_ratio:g}, seed {args.seed}",
-            "eval": f"FA on {cfg.eval_task} held-out task prompts ({cfg.fa_new_tokens} new tokens); HS on "
-            f"{cfg.eval_harmful} held-out harmful prompts at the end (recorded, not used)",
+            "eval": f"FA on {cfg.eval_task} held-out task prompts ({cfg.fa_new_tokens} new tokens) every "
+            f"{args.eval_every} steps; HS not measured during the search (the rule does not use it)",
         },
         "rule": (
             f"plateau = best final FA over the searched lrs; chosen = the smallest lr whose final FA >= plateau - "
@@ -114,7 +135,9 @@ def main(argv=None) -> int:
     report["aligned"] = {
         "s_per_step": s_align,
         "loss_align": trace["loss_align"],
-        **{k: a_eval[k] for k in ("hs", "fa", "benign_refusal", "p_refuse", "task_refusal", "task_predicted")},
+        **{
+            k: a_eval[k] for k in ("hs", "fa", "benign_refusal", "p_refuse", "task_refusal", "task_predicted")
+        },
     }
     log(
         f"SFT alignment: {s_align:.2f} s/step, HS {a_eval['hs']:.1f}%, FA {a_eval['fa']:.1f}%, task refusals "
@@ -152,8 +175,6 @@ def main(argv=None) -> int:
                     }
                 )
                 log(f"lr {lr:g} step {step}: loss {losses[-1]:.3f} FA {fa:.1f}% {curve[-1]['predicted']}")
-        hs_ans, _ = generate(model, tok, d.eval_harmful, cfg.hs_new_tokens)
-        hs = nat.harmful_score([it.request for it in d.eval_harmful], hs_ans)
         del model
         report["search"].append(
             {
@@ -162,13 +183,21 @@ def main(argv=None) -> int:
                 "curve": curve,
                 "losses": losses,
                 "s_per_step": sum(times) / len(times),
-                "hs_end_not_used": hs,
                 "examples": [[it.request, a] for it, a in list(zip(d.eval_task, ans))[:3]],
             }
         )
-        log(f"lr {lr:g}: final FA {curve[-1]['fa']:.1f}%, HS {hs:.1f}% (not used), {sum(times) / len(times):.2f} s/step")
+        log(f"lr {lr:g}: final FA {curve[-1]['fa']:.1f}%, {sum(times) / len(times):.2f} s/step")
         write()
 
+    if args.partial:
+        write()
+        return 0
+    return apply_rule(report, args, log, write)
+
+
+def apply_rule(report, args, log, write) -> int:
+    chance = report["chance_fa"]
+    report["search"].sort(key=lambda r: r["lr"])
     plateau = max(r["final_fa"] for r in report["search"])
     chosen = None
     for r in report["search"]:
@@ -188,7 +217,9 @@ def main(argv=None) -> int:
         write()
         return 1
     report["chosen"] = {"finetune_lr": chosen["lr"], "steps": args.steps, "final_fa": chosen["final_fa"]}
-    log(f"chosen: lr {chosen['lr']:g}, {args.steps} steps (FA {chosen['final_fa']:.1f}%, plateau {plateau:.1f}%)")
+    log(
+        f"chosen: lr {chosen['lr']:g}, {args.steps} steps (FA {chosen['final_fa']:.1f}%, plateau {plateau:.1f}%)"
+    )
     write()
     log(f"wrote {args.out}")
     return 0

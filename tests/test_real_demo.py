@@ -9,12 +9,11 @@ import os
 
 import pytest
 import torch
-
-from antibody_fast.demo import real
-from antibody_fast.demo import main as demo_main
-from antibody_fast.demo.real_cli import config_from_args, build_parser
-
 from tokenizer_helpers import VOCAB_SIZE, tiny_tokenizer
+
+from antibody_fast.demo import main as demo_main
+from antibody_fast.demo import real
+from antibody_fast.demo.real_cli import build_parser, config_from_args
 
 
 def _cal(tmp_path, task="topic", lr=3e-4, steps=12):
@@ -82,14 +81,10 @@ def test_cli_options_and_model_dispatch(capsys):
 
 
 def test_lisa_config_scales_the_alternation_and_passes_total_steps():
-    from antibody_fast.baselines import LisaConfig
-
     r = real.RealRunner.__new__(real.RealRunner)
     r.cfg = real.RealConfig(steps=40)
     lc = r.lisa_config()
-    assert (lc.align_steps, lc.finetune_steps) == (1, 7)
-    if "total_steps" in LisaConfig.__dataclass_fields__:
-        assert lc.total_steps == 40
+    assert (lc.align_steps, lc.finetune_steps, lc.total_steps, lc.warmup_fraction) == (1, 7, 40, 0.1)
 
 
 def _tiny_base():
@@ -155,7 +150,9 @@ def test_finetuning_continues_the_alignment_adapter_except_after_vaccine():
     assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)  # a fresh LoRA ...
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():  # ... on the merged weights: same function as the continued adapter
-        torch.testing.assert_close(fresh(input_ids=ids).logits, cont(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            fresh(input_ids=ids).logits, cont(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 # ------------------------------------------------------------------------------------------------ slow

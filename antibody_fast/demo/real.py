@@ -13,7 +13,7 @@
    stay trainable, with a new optimizer), except after Vaccine, whose adapter is merged into the weights and a
    fresh LoRA is trained (as the Vaccine code does). ``sft_step`` for SFT, Vaccine and Booster,
    :func:`~antibody_fast.baselines.lisa_step` (alternating with A, on the SFT-aligned adapter, with the authors'
-   warm-up when the installed :class:`~antibody_fast.baselines.LisaConfig` has it) for Lisa, Antibody's
+   warm-up, ``warmup_fraction`` 0.1 of the run) for Lisa, Antibody's
    ``weighted_step`` (tau 1) for Antibody. The SFT alignment is trained once and serves both SFT and Lisa.
 
 The fine-tuning learning rate and step count are **not** the paper's: at the paper's 1e-5 this LoRA scale
@@ -25,7 +25,7 @@ part in it (docs/design.md: only the SFT baseline may calibrate).
 Evaluation (greedy, batched, left padding):
 
 * **HS**: % of held-out harmful prompts (templates and fillers never seen in training) whose answer of at most
-  ``hs_new_tokens`` (32) tokens contains no refusal keyword (:func:`antibody_fast.demo.natural.harmful_score`);
+  ``hs_new_tokens`` (24) tokens contains no refusal keyword (:func:`antibody_fast.demo.natural.harmful_score`);
 * **FA**: % of held-out task prompts whose first label word (:func:`~antibody_fast.demo.natural.parse_label`,
   answer of at most ``fa_new_tokens`` tokens) is the gold label;
 * **over-refusal**: % of held-out benign requests refused, after alignment;
@@ -56,7 +56,13 @@ import torch
 from . import natural as nat
 
 DEFAULT_METHODS = ("sft", "vaccine", "lisa", "booster", "antibody")
-ALIGNMENT_OF = {"sft": "sft", "vaccine": "vaccine", "lisa": "sft", "booster": "booster", "antibody": "antibody"}
+ALIGNMENT_OF = {
+    "sft": "sft",
+    "vaccine": "vaccine",
+    "lisa": "sft",
+    "booster": "booster",
+    "antibody": "antibody",
+}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj")
 CALIBRATION_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "smollm2_calibration.json"
 """The committed SFT-only calibration of the fine-tuning learning rate and step count."""
@@ -73,25 +79,27 @@ class RealConfig:
     harmful_ratio: float = 0.2
     task: str = "topic"
     methods: tuple[str, ...] = DEFAULT_METHODS
-    samples: int = 200  # user fine-tuning set
+    samples: int = 160  # user fine-tuning set
     steps: int | None = None  # fine-tuning steps (None: calibrated)
-    align_steps: int = 30
-    align_samples: int = 240  # A and H sizes
+    align_steps: int = 20
+    align_samples: int = 160  # A and H sizes
     batch_size: int = 8
     align_lr: float = 5e-4  # the paper's
     finetune_lr: float | None = None  # None: calibrated
     weight_decay: float = 0.1
     lora_rank: int = 32
     lora_alpha: float = 4.0
-    max_length: int = 192
-    eval_harmful: int = 40
-    eval_task: int = 40
-    eval_benign: int = 20
-    eval_every: int = 20  # held-out HS/FA every N fine-tuning steps (0: end only)
-    hs_new_tokens: int = 32
-    fa_new_tokens: int = 8
+    max_length: int = 128  # prompt + answer; harmful answers are cut on the right (the authors' rule)
+    eval_harmful: int = 32
+    eval_task: int = 32
+    eval_benign: int = 16
+    eval_every: int = 0  # held-out HS/FA every N fine-tuning steps (0: end only)
+    hs_new_tokens: int = 24
+    fa_new_tokens: int = 6
     lisa_cycles: int = 5  # Lisa's 100/900 alternation scaled to about this many cycles over the run
-    threads: int = 2
+    threads: int = (
+        1  # 1: a second OpenMP thread on a busy 2-core CPU made small matmuls ~10x slower (measured)
+    )
     out: str = "antibody_demo_smollm2"
     quick: bool = False
     progress: bool = True
@@ -157,7 +165,9 @@ class RealConfig:
             )
         return replace(
             self,
-            finetune_lr=self.finetune_lr if self.finetune_lr is not None else float(cal["chosen"]["finetune_lr"]),
+            finetune_lr=self.finetune_lr
+            if self.finetune_lr is not None
+            else float(cal["chosen"]["finetune_lr"]),
             steps=self.steps if self.steps is not None else int(cal["chosen"]["steps"]),
         )
 
@@ -397,11 +407,8 @@ class RealRunner:
         steps = self.cfg.steps
         cycle = max(2, steps // self.cfg.lisa_cycles)
         ka = max(1, cycle // 10)
-        kw = dict(align_steps=ka, finetune_steps=cycle - ka)
-        fields = getattr(LisaConfig, "__dataclass_fields__", {})
-        if "total_steps" in fields:  # the authors' warm-up (when this version of LisaConfig has it)
-            kw["total_steps"] = steps
-        return LisaConfig(**kw)
+        # the authors' warm-up (warmup_fraction 0.1 of the run) needs the run's total step count
+        return LisaConfig(align_steps=ka, finetune_steps=cycle - ka, total_steps=steps)
 
     def finetune(self, method: str, adapter: dict[str, torch.Tensor]):
         """Stage 2 from the alignment ``adapter``: (model, seconds per step, {trace, curve[, lisa]})."""
@@ -446,6 +453,13 @@ class RealRunner:
                 bar.update()
         extra = {"lisa": asdict(lcfg)} if lcfg is not None else {}
         return model, sum(trace["step_s"]) / cfg.steps, {"trace": trace, "curve": curve, **extra}
+
+
+def _merged(model):
+    """``model`` with its LoRA adapter merged into the weights (in place; the PEFT wrapper is dropped)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return model.merge_and_unload()
 
 
 def _masked_mean(w: torch.Tensor, m: torch.Tensor) -> float:
@@ -528,7 +542,10 @@ def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) 
         a = ALIGNMENT_OF[method]
         if a not in aligned:
             adapter, s_step, a_trace, model = runner.align(a)
-            a_eval = evaluate(model, tok, runner.data, cfg, runner.first_ids, benign=True, desc=f"eval: {a} aligned")
+            model = _merged(model)  # the adapter is saved: evaluate the merged weights (faster generation)
+            a_eval = evaluate(
+                model, tok, runner.data, cfg, runner.first_ids, benign=True, desc=f"eval: {a} aligned"
+            )
             del model
             aligned[a] = (adapter, s_step, a_trace, a_eval)
             log(
@@ -537,6 +554,7 @@ def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) 
             )
         adapter, s_align, a_trace, a_eval = aligned[a]
         model, s_ft, extra = runner.finetune(method, adapter)
+        model = _merged(model)
         ev = evaluate(model, tok, runner.data, cfg, runner.first_ids, benign=False, desc=f"eval: {method}")
         del model
         for k in ("step", "hs", "fa"):
