@@ -518,8 +518,9 @@ def plot(report: dict, out: str) -> list[str]:
 def _scenario(cfg: RealConfig) -> str:
     return (
         f"SmolLM2-135M-Instruct, task {cfg.task}, harmful ratio {cfg.harmful_ratio:g}, {cfg.samples} user samples, "
-        f"{cfg.align_steps}/{cfg.steps} alignment/fine-tuning steps at batch {cfg.batch_size}, fine-tuning lr "
-        f"{cfg.finetune_lr:g} (calibrated on SFT)" + (" (quick mode)" if cfg.quick else "")
+        f"{cfg.align_steps}/{cfg.steps or 'calibrated'} alignment/fine-tuning steps at batch {cfg.batch_size}, "
+        f"fine-tuning lr {cfg.finetune_lr or 'calibrated'} (calibrated on SFT alone)"
+        + (" (quick mode)" if cfg.quick else "")
     )
 
 
@@ -537,21 +538,24 @@ def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) 
         f"{base_eval['benign_refusal']:.1f}%, P(refusal) {base_eval['p_refuse']:.3f}"
     )
     aligned: dict[str, tuple] = {}
+    for a in dict.fromkeys(ALIGNMENT_OF[m] for m in cfg.methods):  # stage 1 of every method first
+        adapter, s_step, a_trace, model = runner.align(a)
+        model = _merged(model)  # the adapter is saved: evaluate the merged weights (faster generation)
+        a_eval = evaluate(
+            model, tok, runner.data, cfg, runner.first_ids, benign=True, desc=f"eval: {a} aligned"
+        )
+        del model
+        aligned[a] = (adapter, s_step, a_trace, a_eval)
+        log(
+            f"{a} alignment: {s_step:.2f} s/step; HS {a_eval['hs']:.1f}%, FA {a_eval['fa']:.1f}%, benign "
+            f"refusals {a_eval['benign_refusal']:.1f}%, P(refusal) {a_eval['p_refuse']:.3f}"
+        )
+    # stage 2: the calibrated fine-tuning lr / steps are read here (stage 1 does not use them)
+    runner.cfg = cfg = cfg.resolved()
+    log(f"fine-tuning: lr {cfg.finetune_lr:g}, {cfg.steps} steps")
     rows = []
     for method in cfg.methods:
         a = ALIGNMENT_OF[method]
-        if a not in aligned:
-            adapter, s_step, a_trace, model = runner.align(a)
-            model = _merged(model)  # the adapter is saved: evaluate the merged weights (faster generation)
-            a_eval = evaluate(
-                model, tok, runner.data, cfg, runner.first_ids, benign=True, desc=f"eval: {a} aligned"
-            )
-            del model
-            aligned[a] = (adapter, s_step, a_trace, a_eval)
-            log(
-                f"{a} alignment: {s_step:.2f} s/step; HS {a_eval['hs']:.1f}%, FA {a_eval['fa']:.1f}%, benign "
-                f"refusals {a_eval['benign_refusal']:.1f}%, P(refusal) {a_eval['p_refuse']:.3f}"
-            )
         adapter, s_align, a_trace, a_eval = aligned[a]
         model, s_ft, extra = runner.finetune(method, adapter)
         model = _merged(model)
@@ -621,7 +625,6 @@ def run(cfg: RealConfig, log: Callable[[str], None] = print, *, model_and_tokeni
     from . import run as toy
 
     cfg.validate()
-    cfg = cfg.resolved()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
@@ -645,6 +648,8 @@ def run(cfg: RealConfig, log: Callable[[str], None] = print, *, model_and_tokeni
             reports.append(_run_one(sub, k, base, tok, log))
     finally:
         torch.set_num_threads(threads)
+    c0 = reports[0]["config"]
+    cfg = replace(cfg, finetune_lr=c0["finetune_lr"], steps=c0["steps"])
     rows = []
     for m in cfg.methods:
         per = [next(r for r in rep["methods"] if r["method"] == m) for rep in reports]
