@@ -29,7 +29,14 @@ def test_committed_calibration_is_readable_and_for_the_default_task():
     assert cal["chosen"]["finetune_lr"] > 0 and cal["chosen"]["steps"] >= 1
     # the rule and the search are recorded with the outcome
     assert cal["rule"] and len(cal["search"]) >= 2
-    assert any(r["lr"] == cal["chosen"]["finetune_lr"] and r["qualifies"] for r in cal["search"])
+    chosen = next(r for r in cal["search"] if r["lr"] == cal["chosen"]["finetune_lr"])
+    if cal["chosen"]["rule_met"]:  # the smallest qualifying lr
+        assert chosen["qualifies"] and not any(
+            r["qualifies"] for r in cal["search"] if r["lr"] < chosen["lr"]
+        )
+    else:  # the declared fallback: the best SFT FA, and nothing qualified
+        assert not any(r["qualifies"] for r in cal["search"])
+        assert chosen["final_fa"] == max(r["final_fa"] for r in cal["search"])
     lrs = [r["lr"] for r in cal["search"]]
     assert lrs == sorted(lrs) and lrs[0] == 1e-5  # searched upward from the paper's 1e-5
 
@@ -135,6 +142,24 @@ def test_all_five_methods_end_to_end_on_a_tiny_llama(tmp_path):
     for name in ("report.md", "report.json", "hs_fa.png", "finetuning.png", "alignment.png", "weights.png",
                  "p_refusal.png"):  # fmt: skip
         assert os.path.isfile(tmp_path / "out" / name), name
+
+    # the same configuration split over two runs (as parallel processes would) and merged: same rows
+    parts = []
+    for k, methods in enumerate((("sft", "lisa"), ("antibody", "vaccine", "booster"))):
+        sub = real.replace(cfg, methods=methods, out=str(tmp_path / f"part{k}"))
+        real.run(sub, log=lambda s: None, model_and_tokenizer=(base, tok))
+        parts.append(str(tmp_path / f"part{k}" / "report.json"))
+    merged = real.merge_reports(parts, str(tmp_path / "merged"), log=lambda s: None)
+    assert [r["method"] for r in merged["methods"]] == list(real.DEFAULT_METHODS)
+    for r in merged["methods"]:
+        full = rows[r["method"]]
+        assert (r["hs"], r["fa"], r["trace"]["loss"]) == (full["hs"], full["fa"], full["trace"]["loss"])
+        assert r["align_trace"]["loss_align"] == full["align_trace"]["loss_align"]
+    assert os.path.isfile(tmp_path / "merged" / "report.md")
+    with pytest.raises(ValueError, match="differ in configuration"):
+        bad = real.replace(cfg, methods=("sft",), harmful_ratio=0.5, out=str(tmp_path / "bad"))
+        real.run(bad, log=lambda s: None, model_and_tokenizer=(base, tok))
+        real.merge_reports([parts[1], str(tmp_path / "bad" / "report.json")], str(tmp_path / "m2"))
 
 
 def test_finetuning_continues_the_alignment_adapter_except_after_vaccine():

@@ -682,4 +682,63 @@ def run(cfg: RealConfig, log: Callable[[str], None] = print, *, model_and_tokeni
     return toy._write_report(cfg, summary, md, table, toy.plot_summary, log, " and seed_<k>/")
 
 
-__all__ = ["CALIBRATION_FILE", "DEFAULT_METHODS", "RealConfig", "RealRunner", "load_calibration", "run"]
+__all__ = [
+    "CALIBRATION_FILE",
+    "DEFAULT_METHODS",
+    "RealConfig",
+    "RealRunner",
+    "load_calibration",
+    "merge_reports",
+    "run",
+]
+
+
+def merge_reports(paths: Sequence[str], out: str, log: Callable[[str], None] = print) -> dict:
+    """One report (table, plots) from single-seed reports of the same configuration that ran disjoint subsets
+    of the methods (e.g. in parallel processes: every stage is seeded, so a method's numbers do not depend on
+    which other methods ran in the same process). ``wall_s`` is the longest part's; ``parts`` lists them."""
+    from . import run as toy
+
+    reps = [json.loads(Path(p).read_text()) for p in paths]
+    c0 = {k: v for k, v in reps[0]["config"].items() if k not in ("methods", "out")}
+    for r in reps[1:]:
+        c = {k: v for k, v in r["config"].items() if k not in ("methods", "out")}
+        if c != c0:
+            diff = sorted(k for k in set(c) | set(c0) if c.get(k) != c0.get(k))
+            raise ValueError(f"merge_reports: the reports differ in configuration ({', '.join(diff)})")
+    rows = {row["method"]: row for r in reps for row in r["methods"]}
+    order = [m for m in DEFAULT_METHODS if m in rows]
+    kw = {
+        k: (tuple(v) if isinstance(v, list) else v)
+        for k, v in c0.items()
+        if k in RealConfig.__dataclass_fields__
+    }
+    cfg = replace(RealConfig(**kw), methods=tuple(order), out=out)
+    os.makedirs(out, exist_ok=True)
+    report = {
+        **reps[0],
+        "config": toy._config_dict(cfg),
+        "methods": [rows[m] for m in order],
+        "results": {m: {k: rows[m][k] for k in ("hs", "fa", "hs_aligned")} for m in order},
+        "wall_s": max(r["wall_s"] for r in reps),
+        "parts": [
+            {"file": str(p), "methods": [x["method"] for x in r["methods"]], "wall_s": r["wall_s"]}
+            for p, r in zip(paths, reps)
+        ],  # fmt: skip
+    }
+    table = format_table(report["methods"])
+    base_eval = report["base"]
+    md = [
+        "# antibody_fast demo: SmolLM2-135M-Instruct (real model)",
+        "",
+        f"Seed {cfg.seed}, {_scenario(cfg)}.",
+        "",
+        table,
+        "",
+        f"Base model (before alignment): HS {base_eval['hs']:.1f}%, FA {base_eval['fa']:.1f}%, benign refusals "
+        f"{base_eval['benign_refusal']:.1f}%, P(refusal) {base_eval['p_refuse']:.3f}.",
+        "",
+        f"Ran as {len(reps)} processes in parallel ({'; '.join(','.join(p['methods']) for p in report['parts'])}); "
+        "wall time below = the longest part. Times per step are contended (other jobs shared the 2 cores).",
+    ]
+    return toy._write_report(cfg, report, md, table, plot, log)
