@@ -53,6 +53,9 @@ def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
         help=f"torch CPU threads, fixed for reproducibility (default {d.threads})")
     add("--out", type=str, default=d.out, help=f"output directory (default ./{d.out})")
     add("--quick", action="store_true", help="tiny seconds-scale run for tests (numbers not meaningful)")
+    add("--model", choices=("toy", "smollm2"), default="toy",
+        help="toy (default): this tiny Llama; smollm2: the real-model demo on SmolLM2-135M-Instruct, with its own "
+             "options (antibody-fast demo --model smollm2 --help)")
     add("--no-progress", action="store_true", help="no progress bars")
     # fmt: on
     return p
@@ -88,9 +91,36 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
+def _model_choice(argv: list[str]) -> str | None:
+    """The value of ``--model`` (``toy`` by default; ``smollm2``: the real-model demo), removed from ``argv`` in
+    place; ``None`` (with a message) for a bad value."""
+    model = "toy"
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv):
+            model = argv[i + 1]
+            del argv[i : i + 2]
+            break
+        if a.startswith("--model="):
+            model = a.split("=", 1)[1]
+            del argv[i]
+            break
+    if model not in ("toy", "smollm2"):
+        print(f"antibody-fast demo: error: --model must be toy or smollm2, got {model!r}", file=sys.stderr)
+        return None
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``antibody-fast demo`` / ``python -m antibody_fast.demo``. Returns the exit status:
     0 on success, 2 for bad options (with a message on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model = _model_choice(argv)
+    if model is None:
+        return 2
+    if model == "smollm2":  # the real-model demo: its own options (antibody_fast.demo.real)
+        from .real_cli import main as real_main
+
+        return real_main(argv, prog="antibody-fast demo --model smollm2")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
