@@ -1,6 +1,6 @@
 """Baseline defenses in the same lean loop: Vaccine (alignment stage) and Lisa (fine-tuning stage).
 
-DESIGN.md §2.3. Both optimise the same token-mean cross-entropy as :func:`antibody_fast.sft_step` (the fused
+docs/design.md §2.3. Both optimise the same token-mean cross-entropy as :func:`antibody_fast.sft_step` (the fused
 linear log-likelihood over answer rows, logits never materialised) so that their cost and results compare
 fairly with SFT, Booster and Antibody. Each has a naive reference (HF's own loss, explicit Python loops) that the
 tests hold them equal to.

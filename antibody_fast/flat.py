@@ -1,4 +1,4 @@
-"""All trainable parameters as views into one contiguous buffer per dtype (DESIGN.md §3).
+"""All trainable parameters as views into one contiguous buffer per dtype (docs/design.md §3).
 
 :class:`FlatParameters` packs every ``requires_grad`` parameter of a model (or of an iterable of
 parameters) into one flat buffer per dtype: each parameter's ``.data`` becomes a view of its buffer and its

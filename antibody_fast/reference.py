@@ -11,7 +11,7 @@ Nothing here is fast on purpose. It follows the pass structure of the authors' i
   (``model(..., labels=...).loss``, token-mean cross-entropy over the answer tokens);
 * :func:`reference_sft_step`: HF's own plain SFT step, the "HF SFT" baseline.
 
-The *update* computed is exactly DESIGN.md §2.1 / §2.2. This module is independent of
+The *update* computed is exactly docs/design.md §2.1 / §2.2. This module is independent of
 :mod:`antibody_fast.steps`, which it checks. Models must be deterministic (no dropout) for comparisons.
 """
 
@@ -96,7 +96,7 @@ def reference_finetune_step(
     max_grad_norm: float | None = 1.0,
     scheduler=None,
 ) -> dict[str, torch.Tensor]:
-    """One authors-style Antibody fine-tuning step (DESIGN.md §2.1): 3 forwards + 1 backward.
+    """One authors-style Antibody fine-tuning step (docs/design.md §2.1): 3 forwards + 1 backward.
 
     ``d_i = logp(y_i|x_i)/n(y_i) - logp(r_i|x_i)/n(r_i)``, ``w = softmax(d / tau)`` and
     ``L = sum_i w_i (-logp(y_i|x_i)) / sum_i w_i n(y_i)``; then ``clip_grad_norm_`` to ``max_grad_norm``
@@ -193,7 +193,7 @@ def reference_align_step(
     max_grad_norm: float | None = 1.0,
     scheduler=None,
 ) -> dict[str, torch.Tensor]:
-    """One authors-style Antibody alignment step (DESIGN.md §2.2): 5 forward/backward + a model copy.
+    """One authors-style Antibody alignment step (docs/design.md §2.2): 5 forward/backward + a model copy.
 
     Passes: (1) ``g_h = grad L_H(theta)``; a ``copy.deepcopy`` of the model is perturbed to
     ``theta' = theta - rho g_h / (||g_h|| + 1e-7)``; (2) ``g_p = grad L_H(theta')`` and (3)

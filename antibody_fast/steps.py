@@ -1,5 +1,5 @@
 """The lean training steps: ``weighted_step`` (fine-tuning stage), ``align_step`` (alignment stage) and
-``sft_step`` (the plain token-mean SFT baseline). DESIGN.md §2.1, §2.2 and §3.
+``sft_step`` (the plain token-mean SFT baseline). docs/design.md §2.1, §2.2 and §3.
 
 Every step takes an HF causal LM (PEFT-wrapped or not, optionally wrapped in ``DistributedDataParallel``),
 a prompt-aligned batch (:mod:`antibody_fast.data.batch`) and a torch optimizer built on the model's
@@ -85,7 +85,7 @@ class FinetuneConfig:
     """Options of :func:`weighted_step` (and :func:`sft_step`, which ignores ``tau`` and ``refusal_scoring``).
 
     Attributes:
-        tau: softmax temperature of the sample weights ``w = softmax(d / tau)`` (> 0; DESIGN §2.1: 1.0).
+        tau: softmax temperature of the sample weights ``w = softmax(d / tau)`` (> 0; docs/design.md §2.1: 1.0).
         max_grad_norm: clip the global gradient norm to this value (torch ``clip_grad_norm_`` formula);
             ``None`` disables clipping (the norm is still reported).
         refusal_scoring: ``"prefix_cache"`` (default): the refusal tokens run as a no-grad continuation of the
@@ -131,7 +131,7 @@ class FinetuneConfig:
 
 @dataclass
 class AlignConfig:
-    """Options of :func:`align_step` (DESIGN §2.2).
+    """Options of :func:`align_step` (docs/design.md §2.2).
 
     Attributes:
         rule: how ``λ_raw`` is computed from ``g_a`` and ``g_s = g_h - g_p``:
@@ -251,7 +251,7 @@ class StepStats:
 
     Common:
         loss: 0-dim fp32, the loss whose gradient was applied (``weighted_step``: the weighted loss of
-            DESIGN §2.1 over the global batch; ``sft_step``: token-mean CE; ``align_step``: ``L_A``).
+            docs/design.md §2.1 over the global batch; ``sft_step``: token-mean CE; ``align_step``: ``L_A``).
         grad_norm: 0-dim fp32, global gradient norm before clipping.
         num_tokens: ``[B]`` int64 answer tokens per sample (``align_step``: of the alignment batch).
     ``weighted_step``:
@@ -678,7 +678,7 @@ def weighted_step(
     config: FinetuneConfig | None = None,
     scheduler: Any = None,
 ) -> StepStats:
-    """One Antibody fine-tuning step (DESIGN §2.1) with the lean plan of DESIGN §3.
+    """One Antibody fine-tuning step (docs/design.md §2.1) with the lean plan of docs/design.md §3.
 
     For each sample i with answer y_i and refusal r_i on the same prompt x_i::
 
@@ -901,7 +901,7 @@ def align_step(
     config: AlignConfig | None = None,
     scheduler: Any = None,
 ) -> StepStats:
-    """One Antibody alignment step (DESIGN §2.2): four forward/backward passes, an in-place perturbation of
+    """One Antibody alignment step (docs/design.md §2.2): four forward/backward passes, an in-place perturbation of
     the flat parameter buffer (restored bitwise), fused dots / combine / clip, no model copy, no host sync::
 
         g_h = ∇L_H(θ);  θ' = θ - ρ g_h/(||g_h||+1e-7);  g_p = ∇L_H(θ');  g_r = ∇L_R(θ');  restore θ

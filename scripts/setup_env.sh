@@ -26,7 +26,7 @@ fi
 stamp=.venv/.antibody_fast_stamp
 want=$(cat pyproject.toml setup.py constraints.txt csrc/* | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import torch, antibody_fast._C" 2>/dev/null; then
-  echo "[setup] installing (torch first, pinned to the CPU build: DESIGN.md §6)"
+  echo "[setup] installing (torch first, pinned to the CPU build: docs/design.md §6)"
   python -m pip install -q --disable-pip-version-check --upgrade pip "setuptools>=70" wheel
   python -m pip install -q --disable-pip-version-check torch==2.13.0
   python -m pip install -q --disable-pip-version-check -c constraints.txt ninja

@@ -1,7 +1,7 @@
 """Test configuration.
 
 TRITON_INTERPRET=1 is set here, before any ``@triton.jit`` is defined, when CUDA is unavailable, so that the
-Triton kernels run on CPU tensors in CI (DESIGN.md §5). On a GPU machine the kernels run natively.
+Triton kernels run on CPU tensors in CI (docs/design.md §5). On a GPU machine the kernels run natively.
 """
 
 import os

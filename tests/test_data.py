@@ -275,7 +275,7 @@ def test_prompt_aligned_batch_matches_unpadded_forwards(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
 def test_prefix_cache_continuation_matches_full_refusal_forward(arch):
-    """DESIGN §3: crop the training forward's cache to P columns and run the refusal as a continuation."""
+    """docs/design.md §3: crop the training forward's cache to P columns and run the refusal as a continuation."""
     model = tiny_model(arch)
     pool = make_refusal_pool(3, seed=13, length=(1, 5))
     examples = make_examples(4, seed=14, prompt_len=(1, 6), answer_len=(1, 5))

@@ -44,7 +44,7 @@ def impl_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float
         if HAS_CUDA:
             cases.append(pytest.param("triton", "cuda", dt, id=f"triton-cuda-{str(dt)[6:]}"))
             cases.append(pytest.param("torch", "cuda", dt, id=f"torch-cuda-{str(dt)[6:]}"))
-        elif dt != torch.bfloat16:  # the interpreter computes bf16 wrongly (DESIGN.md §5)
+        elif dt != torch.bfloat16:  # the interpreter computes bf16 wrongly (docs/design.md §5)
             cases.append(pytest.param("triton", "cpu", dt, id=f"triton-interp-{str(dt)[6:]}"))
     return cases
 

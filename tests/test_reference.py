@@ -141,7 +141,7 @@ def test_sft_step_matches_hand_written_and_scheduler():
 
 
 def _hand_align(model, batch, *, rule, eta, rho, lambda_ref, max_grad_norm, prev_lambda=None, momentum=0.0):
-    """DESIGN §2.2 on flat vectors, perturbing and restoring the model in place. Returns (theta_new, lambda)."""
+    """docs/design.md §2.2 on flat vectors, perturbing and restoring the model in place. Returns (theta_new, lambda)."""
     theta = _flat(model)
     g_h = _flat_grad(model, hf_loss(model, batch.harmful))
     _set_flat(model, theta - rho * g_h / (g_h.norm() + 1e-7))

@@ -1,8 +1,8 @@
 """``transformers.Trainer`` subclasses whose update is the lean Antibody step.
 
 * :class:`AntibodyFinetuneTrainer`: each optimizer step is one :func:`antibody_fast.weighted_step` on the
-  accumulated micro-batches (DESIGN §2.1).
-* :class:`AntibodyAlignmentTrainer`: each optimizer step is one :func:`antibody_fast.align_step` (DESIGN §2.2);
+  accumulated micro-batches (docs/design.md §2.1).
+* :class:`AntibodyAlignmentTrainer`: each optimizer step is one :func:`antibody_fast.align_step` (docs/design.md §2.2);
   :class:`BoosterTrainer` is the same trainer with ``AlignConfig(rule="constant", lambda_ref=0)``.
 
 Datasets hold examples ``{"prompt": str | list[int], "response": str | list[int], "index": int (optional;

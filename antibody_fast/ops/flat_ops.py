@@ -1,4 +1,4 @@
-"""Fused vector ops on flat trainable-parameter / gradient buffers (DESIGN.md §2.2, §3).
+"""Fused vector ops on flat trainable-parameter / gradient buffers (docs/design.md §2.2, §3).
 
 Every op here works on *flat tensors*: either one contiguous 1-D tensor, or a list of them (one per dtype
 group of :class:`antibody_fast.flat.FlatParameters`); a list is treated as the concatenation of its
