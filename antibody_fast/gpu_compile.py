@@ -652,6 +652,9 @@ def run(
                     f"time limit {time_limit_s:.0f} s: {results.count(None)} compiles cancelled",
                     file=sys.stderr,
                 )
+                # abandon the compiles in flight too (ends the worker processes this pool started)
+                for proc in list(getattr(ex, "_processes", {}).values()):
+                    proc.terminate()
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
     return results
