@@ -1213,6 +1213,9 @@ _NOT_FINGERPRINTED = frozenset(
         "config",
         "recipe",  # the resolved values are fingerprinted, not where they came from
         "dry_run",
+        # per-process batch: the global batch (batch size x processes) is what defines the data order; it is
+        # checked on resume by _checked_extra, so a run may resume with another number of processes
+        "batch_size",
     )
     + ("batch_size", "steps")  # checked on their own: global batch (processes x batch) and steps >= completed
 )

@@ -407,7 +407,7 @@ def test_torchrun_two_processes_equal_one_process_with_the_global_batch(env, tmp
     two = tmp_path / "two"
     proc = _torchrun("finetune", args(two, 2))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stderr.count("finetune: 4 steps done") == 1  # rank 0 only
+    assert proc.stderr.count("): 4 steps done") == 1  # rank 0 only ("finetune (antibody, ...): 4 steps done")
     assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
     a, b = _adapter_state(single), _adapter_state(two)
     assert a.keys() == b.keys() and a
