@@ -662,6 +662,20 @@ def _token_mean_loss(
     return loss, out
 
 
+def _finish_config(flat, optimizer, scheduler, config, guard, ok: torch.Tensor):
+    """:func:`_finish` with a step config's clip, impl and non-finite guard options."""
+    return _finish(
+        flat,
+        optimizer,
+        scheduler,
+        config.max_grad_norm,
+        config.impl,
+        guard=guard if config.guard_nonfinite else None,
+        ok=ok,
+        max_consecutive_skips=config.max_consecutive_skips,
+    )
+
+
 def _global_loss_value(loss: torch.Tensor, group) -> torch.Tensor:
     """The detached loss summed over ranks (each rank's loss is its share of the global loss)."""
     v = loss.detach().clone()
@@ -745,16 +759,7 @@ def weighted_step(
         lv = _global_loss_value(loss, group)
         loss_total = lv if loss_total is None else loss_total + lv
     _reduce_grads(flat, group)
-    grad_norm, skipped = _finish(
-        flat,
-        optimizer,
-        scheduler,
-        config.max_grad_norm,
-        config.impl,
-        guard=guard if config.guard_nonfinite else None,
-        ok=torch.isfinite(loss_total),
-        max_consecutive_skips=config.max_consecutive_skips,
-    )
+    grad_norm, skipped = _finish_config(flat, optimizer, scheduler, config, guard, torch.isfinite(loss_total))
 
     cat = {key: torch.cat(v) for key, v in per_sample.items()}
     out = StepStats(loss=loss_total / k, grad_norm=grad_norm, skipped=skipped, **cat)
@@ -863,16 +868,7 @@ def sft_step(
         loss_total = lv if loss_total is None else loss_total + lv
         ntok.append(out.num_tokens)
     _reduce_grads(flat, group)
-    grad_norm, skipped = _finish(
-        flat,
-        optimizer,
-        scheduler,
-        config.max_grad_norm,
-        config.impl,
-        guard=guard if config.guard_nonfinite else None,
-        ok=torch.isfinite(loss_total),
-        max_consecutive_skips=config.max_consecutive_skips,
-    )
+    grad_norm, skipped = _finish_config(flat, optimizer, scheduler, config, guard, torch.isfinite(loss_total))
     return StepStats(loss=loss_total / k, grad_norm=grad_norm, num_tokens=torch.cat(ntok), skipped=skipped)
 
 
@@ -1019,16 +1015,7 @@ def align_step(
     else:
         stats.lambda_t = torch.zeros((), dtype=torch.float32, device=device)
         stats.loss_combined = stats.loss_align
-    stats.grad_norm, stats.skipped = _finish(
-        flat,
-        optimizer,
-        scheduler,
-        config.max_grad_norm,
-        impl,
-        guard=guard if config.guard_nonfinite else None,
-        ok=ok,
-        max_consecutive_skips=config.max_consecutive_skips,
-    )
+    stats.grad_norm, stats.skipped = _finish_config(flat, optimizer, scheduler, config, guard, ok)
     # AlignState changes only after the optimizer step succeeded; a skipped step keeps the previous EMA
     # (NaN = not started when there is none yet; AlignState.state_dict maps it back to None).
     if need_h:

@@ -61,6 +61,22 @@ def build_parser(prog: str = "antibody-fast demo") -> argparse.ArgumentParser:
     return p
 
 
+def add_overrides(kw: dict, args, names) -> None:
+    """Shared by the toy and real-model demo parsers: ``--seeds`` (comma-separated ints) and every option in
+    ``names`` that was given on the command line, into the config keywords ``kw``."""
+    if args.seeds is not None:
+        try:
+            kw["seeds"] = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        if not kw["seeds"]:
+            raise ValueError("--seeds is empty")
+    for name in names:
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+
+
 def config_from_args(args: argparse.Namespace):
     """A validated :class:`~antibody_fast.demo.run.DemoConfig` from parsed arguments (raises ``ValueError``)."""
     from .run import DemoConfig
@@ -75,17 +91,9 @@ def config_from_args(args: argparse.Namespace):
         out=args.out,
         progress=not args.no_progress,
     )
-    if args.seeds is not None:
-        try:
-            kw["seeds"] = tuple(int(x) for x in args.seeds.split(",") if x.strip())
-        except ValueError:
-            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-        if not kw["seeds"]:
-            raise ValueError("--seeds is empty")
-    for name in ("samples", "steps", "align_steps", "base_steps", "align_lr", "finetune_lr", "eval_every"):
-        v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
+    add_overrides(
+        kw, args, ("samples", "steps", "align_steps", "base_steps", "align_lr", "finetune_lr", "eval_every")
+    )
     cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
     cfg.validate()
     return cfg

@@ -42,6 +42,7 @@ def build_parser(prog: str = "antibody-fast demo --model smollm2") -> argparse.A
 
 
 def config_from_args(args: argparse.Namespace):
+    from . import add_overrides
     from .real import RealConfig
 
     kw = dict(
@@ -53,17 +54,11 @@ def config_from_args(args: argparse.Namespace):
         out=args.out,
         progress=not args.no_progress,
     )
-    if args.seeds is not None:
-        try:
-            kw["seeds"] = tuple(int(x) for x in args.seeds.split(",") if x.strip())
-        except ValueError:
-            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-        if not kw["seeds"]:
-            raise ValueError("--seeds is empty")
-    for name in ("samples", "steps", "align_steps", "finetune_lr", "eval_every", "eval_harmful", "eval_task"):
-        v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
+    add_overrides(
+        kw,
+        args,
+        ("samples", "steps", "align_steps", "finetune_lr", "eval_every", "eval_harmful", "eval_task"),
+    )
     cfg = RealConfig.quick_config(**kw) if args.quick else RealConfig(**kw)
     cfg.validate()
     return cfg
