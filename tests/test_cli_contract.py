@@ -13,54 +13,23 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from test_train_cli import make_cli_env  # noqa: E402
+
 from antibody_fast import train_cli  # noqa: E402
 
 COMMON = ["--max-length", "320", "--lora-r", "2", "--no-progress"]
 
 
-def _jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from tokenizer_helpers import VOCAB_SIZE, tiny_tokenizer
-
-    from antibody_fast.models import tiny_llama
-
-    root = tmp_path_factory.mktemp("contract")
-    model_dir = root / "model"
-    tiny_llama(vocab_size=VOCAB_SIZE, seed=0).save_pretrained(str(model_dir))
-    tiny_tokenizer().save_pretrained(str(model_dir))
-    files = {
-        "model": str(model_dir),
-        "align": _jsonl(
-            root / "align.jsonl",
-            [
-                {"prompt": f"placeholder request {i}", "refusal": "Sorry, I cannot help with that."}
-                for i in range(6)
-            ],
-        ),
-        "harmful": _jsonl(
-            root / "harmful.jsonl",
-            [
-                {"prompt": f"placeholder request {i}", "response": f"placeholder reply {i}", "is_safe": False}
-                for i in range(6)
-            ],
-        ),
-        "sst2": _jsonl(
-            root / "sst2.jsonl",
-            [{"sentence": f"film {i} was {'good' if i % 2 else 'dull'}", "label": i % 2} for i in range(12)],
-        ),
-    }
+    files = make_cli_env(tmp_path_factory.mktemp("contract"))
+    root = files["root"]
     bad = root / "latin1.jsonl"
     bad.write_bytes('{"sentence": "caf\xe9", "label": 1}\n'.encode("latin-1"))
     files["latin1"] = str(bad)
     deep = root / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
     files["deep"] = str(deep)
-    files["root"] = root
     return files
 
 
