@@ -2,7 +2,7 @@
 
 * ``default``: the built-in defaults of every option: small enough to run on a laptop CPU in minutes
   (100 steps, LoRA r = 8, batch 8, fp32 weights). Its numbers are not the paper's.
-* ``paper``: the authors' scripts (docs/design.md §2.4, issue 12 item 6): LoRA r = 32, α = 4 on q/k/v; AdamW
+* ``paper``: the authors' scripts (docs/design.md §2.4): LoRA r = 32, α = 4 on q/k/v; AdamW
   with weight decay 0.1 and a constant schedule; lr 5e-4 for alignment and 1e-5 for fine-tuning; batch 16, max
   length 256, 20 epochs, seed 5, bf16 weights; η = 5, ρ = 0.1, λ_ref = 0.05, EMA momentum 0.99, τ = 1.
 
@@ -46,7 +46,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "finetune": {**_PAPER_COMMON, "lr": 1e-5, "tau": 1.0},
     },
 }
-"""``RECIPES[name][command]``: option name -> value (option names as in ``antibody_fast.train_cli``)."""
+"""``RECIPES[name][command]``: option name -> value (option names as in :mod:`antibody_fast.cli.options`)."""
 
 
 def recipe_values(name: str, command: str) -> dict[str, Any]:

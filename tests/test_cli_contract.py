@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 from test_train_cli import make_cli_env  # noqa: E402
 
-from antibody_fast import train_cli  # noqa: E402
+from antibody_fast.cli import commands  # noqa: E402
 
 COMMON = ["--max-length", "320", "--lora-r", "2", "--no-progress"]
 
@@ -49,7 +49,7 @@ def _finetune(env, out, *extra, task_data=None):
 
 
 def _expect_exit2(capsys, command, argv, match, out=None, written_before=None):
-    rc = train_cli.main(command, argv)
+    rc = commands.main(command, argv)
     err = capsys.readouterr().err
     assert rc == 2, err
     # transformers may print a "Loading weights" progress bar before; the error itself is one line
@@ -110,13 +110,13 @@ def test_second_run_into_same_output_exit2(env, tmp_path, capsys):
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         _expect_exit2(capsys, "align", _align(env, out), "in use by another")
     assert not (out / "checkpoint.pt").exists()
-    assert train_cli.main("align", _align(env, out)) == 0  # the lock was released with its holder
+    assert commands.main("align", _align(env, out)) == 0  # the lock was released with its holder
 
 
 @pytest.fixture()
 def finished_align(env, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_cli.main("align", _align(env, out, "--save-every", "1")) == 0, capsys.readouterr().err
+    assert commands.main("align", _align(env, out, "--save-every", "1")) == 0, capsys.readouterr().err
     capsys.readouterr()
     return out
 
@@ -131,7 +131,7 @@ def test_resume_with_other_options_exit2_and_force_records(env, finished_align, 
     _expect_exit2(capsys, "align", _align(env, out, "--resume", "--steps", "3", "--seed", "7"), "seed")
     _expect_exit2(capsys, "align", _align(env, out, "--resume", "--steps", "3", "--lora-r", "4"), "lora_r")
     assert "lr" in line
-    rc = train_cli.main("align", _align(env, out, "--resume", "--steps", "3", "--seed", "7", "--force"))
+    rc = commands.main("align", _align(env, out, "--resume", "--steps", "3", "--seed", "7", "--force"))
     assert rc == 0, capsys.readouterr().err
     rec = [json.loads(x) for x in (out / "resume_overrides.jsonl").read_text().splitlines()]
     assert rec and any(d.startswith("seed: 0 -> 7") for d in rec[-1]["differing"])
@@ -156,7 +156,7 @@ def test_truncated_checkpoint_exit2(env, finished_align, capsys):
 def test_leftover_temporaries_cleaned_at_start(env, finished_align, capsys):
     left = finished_align / ".tmp-checkpoint.pt.k1ll3d"
     left.write_bytes(b"partial")
-    assert train_cli.main("align", _align(env, finished_align, "--resume", "--steps", "3")) == 0
+    assert commands.main("align", _align(env, finished_align, "--resume", "--steps", "3")) == 0
     assert not left.exists()
 
 
@@ -181,7 +181,7 @@ def test_nonfinite_run_exit2_keeps_last_good_checkpoint(env, tmp_path, capsys, m
     from antibody_fast import steps
 
     out = tmp_path / "nan"
-    assert train_cli.main("align", _align(env, out, "--save-every", "1")) == 0
+    assert commands.main("align", _align(env, out, "--save-every", "1")) == 0
     capsys.readouterr()
     ck_before = (out / "checkpoint.pt").read_bytes()
     adapter_before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -217,7 +217,7 @@ def test_evaluate_judge_kind(env, tmp_path, capsys):
     _expect_exit2(
         capsys, "evaluate", [*args, "--output", str(out)], "not a sequence classifier", str(out), None
     )
-    rc = train_cli.main("evaluate", [*args, "--output", str(out), "--judge-kind", "causal-lm"])
+    rc = commands.main("evaluate", [*args, "--output", str(out), "--judge-kind", "causal-lm"])
     assert rc == 0, capsys.readouterr().err
     result = json.loads((out / "eval.json").read_text())
     assert result["judge"].startswith("causal-lm:") and result["judge_is_proxy"] is False

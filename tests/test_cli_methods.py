@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 
 from test_train_cli import COMMON, _adapter_state, _finetune_args, _jsonl, _torchrun, make_cli_env  # noqa: E402
 
-from antibody_fast import train_cli  # noqa: E402
+from antibody_fast.cli import commands  # noqa: E402
 from antibody_fast.models import ADAPTER_METADATA  # noqa: E402
 from antibody_fast.testing import assert_close  # noqa: E402
 
@@ -49,7 +49,7 @@ def adapters(env, tmp_path_factory):
     root = tmp_path_factory.mktemp("aligned")
     out = {}
     for method in ("antibody", "vaccine"):
-        assert train_cli.main("align", _align_args(env, root / method, method, "--lr", "1e-2")) == 0
+        assert commands.main("align", _align_args(env, root / method, method, "--lr", "1e-2")) == 0
         out[method] = root / method
     return out
 
@@ -58,7 +58,7 @@ def adapters(env, tmp_path_factory):
 @pytest.mark.parametrize("method", ["antibody", "booster", "vaccine", "sft"])
 def test_align_every_method(env, tmp_path, method, capsys):
     out = tmp_path / method
-    assert train_cli.main("align", _align_args(env, out, method)) == 0, capsys.readouterr().err
+    assert commands.main("align", _align_args(env, out, method)) == 0, capsys.readouterr().err
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     cfg = _run_config(out)
@@ -128,7 +128,7 @@ def test_finetune_adapter_modes(env, adapters, tmp_path, made_by, method, mode_f
     extra = ["--adapter", str(adapters[made_by] / "adapter"), "--method", method, "--lr", "0", "--steps", "1"]
     if mode_flag:
         extra += ["--adapter-mode", mode_flag]
-    assert train_cli.main("finetune", _finetune_args(env, out, *extra)) == 0
+    assert commands.main("finetune", _finetune_args(env, out, *extra)) == 0
     cfg = _run_config(out)
     assert cfg["adapter_mode"] == expected, cfg["adapter_mode_reason"]
     got, aligned = _adapter_state(out), _adapter_state(adapters[made_by])
@@ -148,7 +148,7 @@ def test_finetune_adapter_modes(env, adapters, tmp_path, made_by, method, mode_f
 def test_finetune_continue_trains_the_alignment_adapter(env, adapters, tmp_path):
     out = tmp_path / "ft"
     args = _finetune_args(env, out, "--adapter", str(adapters["antibody"] / "adapter"), "--steps", "1")
-    assert train_cli.main("finetune", [*args, "--lr", "1e-2"]) == 0
+    assert commands.main("finetune", [*args, "--lr", "1e-2"]) == 0
     got, aligned = _adapter_state(out), _adapter_state(adapters["antibody"])
     assert got.keys() == aligned.keys()
     assert any(not torch.equal(got[k], aligned[k]) for k in _lora(aligned, "B"))
@@ -159,7 +159,7 @@ def test_finetune_lisa(env, tmp_path):
     args = _finetune_args(env, out, "--method", "lisa", "--align-data", env["align"], "--steps", "6",
                           "--lisa-align-steps", "1", "--lisa-finetune-steps", "2", "--lisa-rho", "1.0",
                           "--lisa-warmup-fraction", "0.5", "--lr", "1e-2")  # fmt: skip
-    assert train_cli.main("finetune", args) == 0
+    assert commands.main("finetune", args) == 0
     rows = _metrics(out)
     assert [r["lisa_phase"] for r in rows] == ["align", "finetune", "finetune"] * 2
     assert all("proximal" in r and "weight_mean" not in r for r in rows)
@@ -170,7 +170,7 @@ def test_finetune_lisa(env, tmp_path):
 
 def test_method_options_are_checked(env, tmp_path, capsys):
     def err(command, args):
-        assert train_cli.main(command, args) == 2
+        assert commands.main(command, args) == 2
         return capsys.readouterr().err
 
     assert "option of --method antibody / booster, not of vaccine" in err(
@@ -201,10 +201,10 @@ def test_continue_refuses_contradicting_lora_options(env, adapters, tmp_path, ca
     """The adapters were made with --lora-r 2 (COMMON): the same value is fine, another one would be ignored."""
     args = _finetune_args(env, tmp_path / "o", "--adapter", str(adapters["antibody"] / "adapter"))
     args[args.index("--lora-r") + 1] = "4"
-    assert train_cli.main("finetune", args) == 2
+    assert commands.main("finetune", args) == 2
     assert "--lora-r 4 differs from the adapter's 2" in capsys.readouterr().err
     assert (
-        train_cli.main("finetune", [*args, "--adapter-mode", "merge", "--dry-run"]) == 0
+        commands.main("finetune", [*args, "--adapter-mode", "merge", "--dry-run"]) == 0
     )  # a fresh r=4 LoRA
     assert json.loads(capsys.readouterr().out)["adapter_mode"] == "merge"
     assert not (tmp_path / "o").exists()
@@ -212,16 +212,16 @@ def test_continue_refuses_contradicting_lora_options(env, adapters, tmp_path, ca
 
 # ----------------------------------------------------------------------------------------------- recipes
 def test_recipe_paper_and_precedence(tmp_path):
-    opts, src, _ = train_cli.resolve_options("align", ["--recipe", "paper"], allow_missing=True)
+    opts, src, _ = commands.resolve_options("align", ["--recipe", "paper"], allow_missing=True)
     expected = {"lora_r": 32, "lora_alpha": 4.0, "lora_targets": ["q_proj", "k_proj", "v_proj"],
                 "weight_decay": 0.1, "lr_scheduler": "constant", "lr": 5e-4, "batch_size": 16, "max_length": 256,
                 "epochs": 20, "steps": None, "seed": 5, "dtype": "bfloat16", "eta": 5.0, "rho": 0.1,
                 "lambda_ref": 0.05, "momentum": 0.99, "truncation": "right"}  # fmt: skip
     assert {k: opts[k] for k in expected} == expected
     assert src["lr"] == "recipe paper" and src["impl"] == "default"
-    ft, _, _ = train_cli.resolve_options("finetune", ["--recipe", "paper"], allow_missing=True)
+    ft, _, _ = commands.resolve_options("finetune", ["--recipe", "paper"], allow_missing=True)
     assert ft["lr"] == 1e-5 and ft["tau"] == 1.0 and ft["epochs"] == 20
-    default, _, _ = train_cli.resolve_options("finetune", [], allow_missing=True)
+    default, _, _ = commands.resolve_options("finetune", [], allow_missing=True)
     assert (
         default["lr"] == 1e-4
         and default["lora_r"] == 8
@@ -231,22 +231,22 @@ def test_recipe_paper_and_precedence(tmp_path):
     # config file over the recipe, flags over both; the later layer decides steps vs epochs
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"recipe": "paper", "lora_r": 16, "lr": 1e-3, "steps": 7}))
-    opts, src, _ = train_cli.resolve_options(
+    opts, src, _ = commands.resolve_options(
         "align", ["--config", str(cfg), "--lr", "2e-3"], allow_missing=True
     )
     assert opts["lora_r"] == 16 and src["lora_r"] == f"config {cfg}"
     assert opts["lr"] == 2e-3 and src["lr"] == "command line"
     assert opts["steps"] == 7 and opts["epochs"] is None and opts["batch_size"] == 16
-    opts, _, _ = train_cli.resolve_options(
+    opts, _, _ = commands.resolve_options(
         "align", ["--config", str(cfg), "--epochs", "3"], allow_missing=True
     )
     assert opts["epochs"] == 3 and opts["steps"] is None
-    opts, _, _ = train_cli.resolve_options("align", ["--recipe", "paper", "--steps", "5"], allow_missing=True)
+    opts, _, _ = commands.resolve_options("align", ["--recipe", "paper", "--steps", "5"], allow_missing=True)
     assert opts["steps"] == 5 and opts["epochs"] is None
-    with pytest.raises(train_cli.CLIError, match="--steps or --epochs, not both"):
-        train_cli.resolve_options("align", ["--steps", "5", "--epochs", "2"], allow_missing=True)
+    with pytest.raises(commands.CLIError, match="--steps or --epochs, not both"):
+        commands.resolve_options("align", ["--steps", "5", "--epochs", "2"], allow_missing=True)
     # the recipe's lambda_ref is not a user choice: booster still gets 0
-    opts, src, _ = train_cli.resolve_options(
+    opts, src, _ = commands.resolve_options(
         "align", ["--recipe", "paper", "--method", "booster"], allow_missing=True
     )
     assert opts["lambda_ref"] == 0.0 and opts["rule"] == "constant"
@@ -255,7 +255,7 @@ def test_recipe_paper_and_precedence(tmp_path):
 def test_dry_run_prints_the_resolved_configuration(tmp_path, capsys):
     out = tmp_path / "never"
     assert (
-        train_cli.main("align", ["--recipe", "paper", "--dry-run", "--output", str(out), "--lr", "1e-3"]) == 0
+        commands.main("align", ["--recipe", "paper", "--dry-run", "--output", str(out), "--lr", "1e-3"]) == 0
     )
     printed = json.loads(capsys.readouterr().out)
     assert printed["command"] == "align" and printed["recipe"] == "paper"
@@ -264,16 +264,16 @@ def test_dry_run_prints_the_resolved_configuration(tmp_path, capsys):
     assert printed["missing"] and "--model" in printed["missing"][0]
     assert "20 epochs" in printed["steps_rule"]
     assert not out.exists()
-    assert train_cli.main("finetune", ["--recipe", "paper", "--dry-run"]) == 0
+    assert commands.main("finetune", ["--recipe", "paper", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["options"]["lr"] == 1e-5
 
 
 def test_help_names_each_recipe_default(capsys):
-    assert train_cli.main("align", ["--help"]) == 0
+    assert commands.main("align", ["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 8; --recipe paper: 32)" in text and "--recipe paper: 0.0005" in text
     assert "--method" in text and "--vaccine-rho" in text
-    assert train_cli.main("finetune", ["--help"]) == 0
+    assert commands.main("finetune", ["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--recipe paper: 1e-05" in text and "--adapter-mode" in text and "--lisa-warmup-fraction" in text
 
@@ -284,7 +284,7 @@ def test_epochs_refusals_truncation(env, tmp_path):
     steps_args = _finetune_args(env, out, "--epochs", "1")
     steps_args.remove("--steps")
     steps_args.remove("4")
-    assert train_cli.main("finetune", steps_args) == 0
+    assert commands.main("finetune", steps_args) == 0
     assert [r["step"] for r in _metrics(out)] == [1, 2]  # 8 samples / batch 4
     assert _run_config(out)["steps"] == 2
     pool = tmp_path / "refusals.txt"
@@ -296,7 +296,7 @@ def test_epochs_refusals_truncation(env, tmp_path):
         ("left", ("--truncation", "left")),
     ):
         o = tmp_path / name
-        assert train_cli.main("finetune", _finetune_args(env, o, "--steps", "1", *extra)) == 0
+        assert commands.main("finetune", _finetune_args(env, o, "--steps", "1", *extra)) == 0
         d[name] = _metrics(o)[0]["d_mean"]
     assert d["file"] != d["shipped"]  # the refusals scored are the file's
     assert _run_config(tmp_path / "left")["truncation"] == "left"
@@ -308,9 +308,9 @@ def test_drop_overlong(env, tmp_path, capsys):
     path = _jsonl(tmp_path / "align_long.jsonl", recs)
     args = _align_args(env, tmp_path / "o", "sft")
     args[args.index("--align-data") + 1] = path
-    assert train_cli.main("align", args) == 2
+    assert commands.main("align", args) == 2
     assert "drop_overlong" in capsys.readouterr().err and not (tmp_path / "o").exists()
-    assert train_cli.main("align", [*args, "--drop-overlong"]) == 0
+    assert commands.main("align", [*args, "--drop-overlong"]) == 0
     assert "left out 2 align samples" in capsys.readouterr().err
     cfg = _run_config(tmp_path / "o")
     assert cfg["dropped_overlong"] == {"align": 2} and cfg["num_align_used"] == 4
@@ -332,9 +332,9 @@ def test_resume_equals_uninterrupted(env, tmp_path, command, method):
                               "--lisa-align-steps", "1", "--lisa-finetune-steps", "1", "--lisa-rho", "1.0",
                               "--lisa-warmup-fraction", "0.2")  # fmt: skip
 
-    assert train_cli.main(command, args(tmp_path / "full")) == 0
-    assert train_cli.main(command, [*args(tmp_path / "part"), "--stop-after", "2"]) == 0
-    assert train_cli.main(command, [*args(tmp_path / "part"), "--resume"]) == 0
+    assert commands.main(command, args(tmp_path / "full")) == 0
+    assert commands.main(command, [*args(tmp_path / "part"), "--stop-after", "2"]) == 0
+    assert commands.main(command, [*args(tmp_path / "part"), "--resume"]) == 0
     a, b = _adapter_state(tmp_path / "full"), _adapter_state(tmp_path / "part")
     assert a.keys() == b.keys() and a
     for k in a:
@@ -346,8 +346,8 @@ def test_resume_equals_uninterrupted(env, tmp_path, command, method):
 
 def test_resume_refuses_another_method(env, tmp_path, capsys):
     out = tmp_path / "o"
-    assert train_cli.main("align", [*_align_args(env, out, "vaccine"), "--stop-after", "1"]) == 0
-    assert train_cli.main("align", [*_align_args(env, out, "sft"), "--resume"]) == 2
+    assert commands.main("align", [*_align_args(env, out, "vaccine"), "--stop-after", "1"]) == 0
+    assert commands.main("align", [*_align_args(env, out, "sft"), "--resume"]) == 2
     # the options fingerprint refuses it first, naming the method among the differing options
     assert "method: 'vaccine' -> 'sft'" in capsys.readouterr().err
 
@@ -367,7 +367,7 @@ def test_torchrun_baselines_equal_one_process(env, tmp_path, command, method):
         a[a.index("--batch-size") + 1] = str(bs)
         return a
 
-    assert train_cli.main(command, args(tmp_path / "single", 4)) == 0
+    assert commands.main(command, args(tmp_path / "single", 4)) == 0
     proc = _torchrun(command, args(tmp_path / "two", 2))
     assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = _adapter_state(tmp_path / "single"), _adapter_state(tmp_path / "two")

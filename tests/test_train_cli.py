@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from antibody_fast import train_cli  # noqa: E402
+from antibody_fast.cli import commands  # noqa: E402
 from antibody_fast.evaluate import (  # noqa: E402
     RefusalPatternJudge,
     extract_final_answer,
@@ -96,7 +96,7 @@ def _adapter_state(path):
 # --------------------------------------------------------------------------------------------- end to end
 def test_align_finetune_evaluate(env, tmp_path, capsys):
     align_out = tmp_path / "align"
-    rc = train_cli.main(
+    rc = commands.main(
         "align",
         ["--model", env["model"], "--align-data", env["align"], "--harmful-data", env["harmful"], "--steps", "2",
          "--batch-size", "2", "--output", str(align_out), *COMMON],
@@ -111,7 +111,7 @@ def test_align_finetune_evaluate(env, tmp_path, capsys):
     assert json.loads((align_out / "run_config.json").read_text())["rule"] == "cosine"
 
     ft_out = tmp_path / "ft"
-    rc = train_cli.main("finetune", _finetune_args(env, ft_out, "--adapter", str(align_out / "adapter")))
+    rc = commands.main("finetune", _finetune_args(env, ft_out, "--adapter", str(align_out / "adapter")))
     assert rc == 0, capsys.readouterr().err
     rows = [json.loads(x) for x in (ft_out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -133,7 +133,7 @@ def test_align_finetune_evaluate(env, tmp_path, capsys):
     assert (ft_out / "suppression_hist.png").stat().st_size > 0
 
     ev_out = tmp_path / "eval"
-    rc = train_cli.main(
+    rc = commands.main(
         "evaluate",
         ["--model", env["model"], "--adapter", str(align_out / "adapter"), "--adapter", str(ft_out / "adapter"),
          "--task", "sst2", "--task-data", env["sst2"], "--harmful-prompts", env["harmful"], "--num-eval", "3",
@@ -153,17 +153,17 @@ def test_align_finetune_evaluate(env, tmp_path, capsys):
 def test_finetune_resume_equals_uninterrupted(env, tmp_path, capsys):
     full = tmp_path / "full"
     assert (
-        train_cli.main("finetune", _finetune_args(env, full, "--lr", "1e-2", "--lr-scheduler", "linear")) == 0
+        commands.main("finetune", _finetune_args(env, full, "--lr", "1e-2", "--lr-scheduler", "linear")) == 0
     )
     part = tmp_path / "part"
     args = _finetune_args(env, part, "--lr", "1e-2", "--lr-scheduler", "linear", "--save-every", "1")
-    assert train_cli.main("finetune", [*args, "--stop-after", "2"]) == 0
+    assert commands.main("finetune", [*args, "--stop-after", "2"]) == 0
     assert not (part / "adapter").exists() and (part / "checkpoint.pt").is_file()
     assert "resume with --resume" in capsys.readouterr().err
     # the same output without --resume is refused (it would clobber the run)
-    assert train_cli.main("finetune", args) == 2
+    assert commands.main("finetune", args) == 2
     assert "--resume" in capsys.readouterr().err
-    assert train_cli.main("finetune", [*args, "--resume"]) == 0
+    assert commands.main("finetune", [*args, "--resume"]) == 0
     a, b = _adapter_state(full), _adapter_state(part)
     assert a.keys() == b.keys() and a
     for k in a:
@@ -179,9 +179,9 @@ def test_align_resume_equals_uninterrupted(env, tmp_path):
                 "--steps", "2", "--batch-size", "2", "--lr", "1e-2", "--momentum", "0.5", "--output", str(out),
                 *COMMON]  # fmt: skip
 
-    assert train_cli.main("align", args(tmp_path / "full")) == 0
-    assert train_cli.main("align", [*args(tmp_path / "part"), "--stop-after", "1"]) == 0
-    assert train_cli.main("align", [*args(tmp_path / "part"), "--resume"]) == 0
+    assert commands.main("align", args(tmp_path / "full")) == 0
+    assert commands.main("align", [*args(tmp_path / "part"), "--stop-after", "1"]) == 0
+    assert commands.main("align", [*args(tmp_path / "part"), "--resume"]) == 0
     a, b = _adapter_state(tmp_path / "full"), _adapter_state(tmp_path / "part")
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -192,7 +192,7 @@ def test_align_resume_equals_uninterrupted(env, tmp_path):
 
 def test_finetune_sft_baseline(env, tmp_path, capsys):
     out = tmp_path / "sft"
-    assert train_cli.main("finetune", _finetune_args(env, out, "--method", "sft", "--steps", "2")) == 0
+    assert commands.main("finetune", _finetune_args(env, out, "--method", "sft", "--steps", "2")) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("weight_mean" not in r for r in rows)
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -205,28 +205,28 @@ def test_config_file_and_flags(env, tmp_path):
         f"model: {env['model']}\ntask: sst2\ntask-data: {env['sst2']}\nharmful_data: {env['harmful']}\n"
         "harmful_ratio: 0.5\nnum_samples: 6\nsteps: 3\nlora_targets: q_proj,v_proj\n"
     )
-    opts = train_cli.parse_options("finetune", ["--config", str(cfg), "--output", "x", "--steps", "7"])
+    opts = commands.parse_options("finetune", ["--config", str(cfg), "--output", "x", "--steps", "7"])
     assert opts["steps"] == 7 and opts["harmful_ratio"] == 0.5 and opts["num_samples"] == 6
     assert opts["lora_targets"] == ["q_proj", "v_proj"]
     jcfg = tmp_path / "cfg.json"
     jcfg.write_text(json.dumps({"model": env["model"], "output": "o", "harmful_prompts": env["harmful"]}))
-    assert train_cli.parse_options("evaluate", ["--config", str(jcfg)])["output"] == "o"
+    assert commands.parse_options("evaluate", ["--config", str(jcfg)])["output"] == "o"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"modle": "x"}))
-    with pytest.raises(train_cli.CLIError, match="unknown option 'modle'"):
-        train_cli.parse_options("evaluate", ["--config", str(bad)])
+    with pytest.raises(commands.CLIError, match="unknown option 'modle'"):
+        commands.parse_options("evaluate", ["--config", str(bad)])
     bad.write_text('{"model": "x",\n "steps": }')
-    with pytest.raises(train_cli.CLIError, match=r"bad\.json:2: malformed JSON"):
-        train_cli.parse_options("align", ["--config", str(bad)])
+    with pytest.raises(commands.CLIError, match=r"bad\.json:2: malformed JSON"):
+        commands.parse_options("align", ["--config", str(bad)])
     bad.write_text(json.dumps({"steps": "many"}))
-    with pytest.raises(train_cli.CLIError, match="option 'steps' must be int"):
-        train_cli.parse_options("align", ["--config", str(bad)])
+    with pytest.raises(commands.CLIError, match="option 'steps' must be int"):
+        commands.parse_options("align", ["--config", str(bad)])
 
 
 def test_help_and_unknown_command(capsys):
-    assert train_cli.main("finetune", ["--help"]) == 0
+    assert commands.main("finetune", ["--help"]) == 0
     assert "--harmful-ratio" in capsys.readouterr().out
-    assert train_cli.main("train", []) == 2
+    assert commands.main("train", []) == 2
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -237,7 +237,7 @@ def _bad_finetune(env, tmp_path, capsys, *, task_data=None, extra=(), model=None
         args[args.index("--task-data") + 1] = task_data
     if model is not None:
         args[args.index("--model") + 1] = model
-    rc = train_cli.main("finetune", args)
+    rc = commands.main("finetune", args)
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "error:" in err
@@ -282,7 +282,7 @@ def test_bad_input_unknown_model(env, tmp_path, capsys, monkeypatch):
 def test_bad_input_too_few_samples_and_missing_option(env, tmp_path, capsys):
     err = _bad_finetune(env, tmp_path, capsys, extra=("--num-samples", "20"))
     assert "need 15 task examples but only 12 given" in err
-    rc = train_cli.main("align", ["--model", env["model"], "--output", str(tmp_path / "o")])
+    rc = commands.main("align", ["--model", env["model"], "--output", str(tmp_path / "o")])
     assert rc == 2 and "--align-data" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -322,9 +322,9 @@ def test_auroc_matches_pairwise_definition():
     pos = [rng.choice([0.1, 0.2, 0.3, 0.4]) for _ in range(9)]
     neg = [rng.choice([0.1, 0.2, 0.3]) for _ in range(7)]
     brute = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
-    assert train_cli.auroc(pos, neg) == pytest.approx(brute)
-    assert train_cli.auroc([1.0], [0.0]) == 1.0
-    assert train_cli.auroc([], [0.0]) != train_cli.auroc([], [0.0])  # NaN
+    assert commands.auroc(pos, neg) == pytest.approx(brute)
+    assert commands.auroc([1.0], [0.0]) == 1.0
+    assert commands.auroc([], [0.0]) != commands.auroc([], [0.0])  # NaN
 
 
 def test_greedy_generate_batched_equals_single(env):
@@ -403,7 +403,7 @@ def test_torchrun_two_processes_equal_one_process_with_the_global_batch(env, tmp
         return a
 
     single = tmp_path / "single"
-    assert train_cli.main("finetune", args(single, 4)) == 0
+    assert commands.main("finetune", args(single, 4)) == 0
     two = tmp_path / "two"
     proc = _torchrun("finetune", args(two, 2))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -430,10 +430,10 @@ def test_torchrun_two_processes_equal_one_process_with_the_global_batch(env, tmp
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not (part / "adapter").exists() and (part / "checkpoint.pt").is_file()
     # resuming with another global batch would not continue the data order: refused, nothing written
-    assert train_cli.main("finetune", [*args(part, 2), "--resume"]) == 2
+    assert commands.main("finetune", [*args(part, 2), "--resume"]) == 2
     assert "samples per step" in capsys.readouterr().err
     assert not (part / "adapter").exists()
-    assert train_cli.main("finetune", [*args(part, 4), "--resume"]) == 0
+    assert commands.main("finetune", [*args(part, 4), "--resume"]) == 0
     c = _adapter_state(part)
     for k in a:
         assert_close(c[k], a[k], atol=1e-5, rtol=1e-4, name=k)
@@ -448,7 +448,7 @@ def test_torchrun_align_equals_one_process(env, tmp_path):
                 "--steps", "2", "--batch-size", str(bs), "--lr", "1e-2", "--momentum", "0.5", "--output", str(out),
                 *COMMON]  # fmt: skip
 
-    assert train_cli.main("align", args(tmp_path / "single", 4)) == 0
+    assert commands.main("align", args(tmp_path / "single", 4)) == 0
     proc = _torchrun("align", args(tmp_path / "two", 2))
     assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = _adapter_state(tmp_path / "single"), _adapter_state(tmp_path / "two")
@@ -466,7 +466,7 @@ def test_torchrun_align_equals_one_process(env, tmp_path):
 
 def test_evaluate_refuses_torchrun(env, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    rc = train_cli.main(
+    rc = commands.main(
         "evaluate",
         ["--model", env["model"], "--task", "sst2", "--task-data", env["sst2"], "--output", str(tmp_path)],
     )

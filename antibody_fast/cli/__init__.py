@@ -1,19 +1,28 @@
 """The ``antibody-fast`` command line: ``antibody-fast COMMAND [options]`` (also ``python -m antibody_fast``).
 
 Each command is implemented by its own module, imported only when the command runs; everything after the
-command name is handed to that module unchanged, so ``antibody-fast COMMAND --help`` prints the module's
-own help:
+command name is handed to that module's ``main`` unchanged (``main(command, argv)`` when its first parameter
+is named ``command``, else ``main(argv)``), so ``antibody-fast COMMAND --help`` prints the module's own help:
 
 =========  ===========================================  =========================================
 command    what it does                                 module
 =========  ===========================================  =========================================
-align      alignment stage (Antibody, baselines)        ``antibody_fast.train_cli.main("align", argv)``
-finetune   fine-tuning stage on user data               ``antibody_fast.train_cli.main("finetune", argv)``
-evaluate   harmful score and fine-tune accuracy          ``antibody_fast.train_cli.main("evaluate", argv)``
+align      alignment stage (Antibody, baselines)        ``antibody_fast.cli.commands.main("align", argv)``
+finetune   fine-tuning stage on user data               ``antibody_fast.cli.commands.main("finetune", argv)``
+evaluate   harmful score and fine-tune accuracy          ``antibody_fast.cli.commands.main("evaluate", argv)``
 bench      benchmark suites and reports                 ``antibody_fast.bench.main(argv)``
 demo       embedded end-to-end CPU demo                 ``antibody_fast.demo.main(argv)``
 info       versions, devices, implementation per op     ``antibody_fast.info.main()``
 =========  ===========================================  =========================================
+
+The package's modules (docs/design.md §4): :mod:`~antibody_fast.cli.commands` (``align`` / ``finetune`` /
+``evaluate``: option resolution, error contract), :mod:`~antibody_fast.cli.options` (one typed dataclass per
+command) and :mod:`~antibody_fast.cli.resolve` (defaults < recipe < config file < flags),
+:mod:`~antibody_fast.cli.runtime` (torchrun world, device, seed, autocast), :mod:`~antibody_fast.cli.loading`
+(model, adapters, adapter mode), :mod:`~antibody_fast.cli.inputs` (data order, templates, collator checks),
+:mod:`~antibody_fast.cli.outputs` (run directory, lock, metrics, checkpoint fingerprint, adapter, AUROC and
+suppression report), :mod:`~antibody_fast.cli.loop` (:class:`~antibody_fast.cli.loop.TrainLoop`, shared by
+:mod:`~antibody_fast.cli.align` and :mod:`~antibody_fast.cli.finetune`) and :mod:`~antibody_fast.cli.evaluate`.
 """
 
 from __future__ import annotations
@@ -27,14 +36,14 @@ from collections.abc import Callable, Sequence
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "align": (
-        "antibody_fast.train_cli",
+        "antibody_fast.cli.commands",
         "alignment stage on a model: Antibody (default), Booster, Vaccine or safety SFT",
     ),
     "finetune": (
-        "antibody_fast.train_cli",
+        "antibody_fast.cli.commands",
         "fine-tuning stage on user data: Antibody's weighted steps, SFT or Lisa",
     ),
-    "evaluate": ("antibody_fast.train_cli", "harmful score (HS) and fine-tune accuracy (FA) of a model"),
+    "evaluate": ("antibody_fast.cli.commands", "harmful score (HS) and fine-tune accuracy (FA) of a model"),
     "bench": ("antibody_fast.bench", "run the benchmark suites; write JSON, Markdown and PNG reports"),
     "demo": ("antibody_fast.demo", "the whole defense end to end on CPU with a tiny model (no download)"),
     "info": ("antibody_fast.info", "versions, devices, and which implementation each op uses and why"),
@@ -52,7 +61,7 @@ class CommandUnavailable(RuntimeError):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     width = max(len(c) for c in COMMANDS)
     epilog = "commands:\n" + "\n".join(f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items())
@@ -97,19 +106,23 @@ def _load(command: str) -> Callable[[list[str]], object]:
         raise CommandUnavailable(
             f"`antibody-fast {command}` is not available in this build ({module_name} has no main())"
         )
-    if module_name.endswith(".train_cli"):
+    if _parameters(fn)[:1] == ["command"]:  # main(command, argv): one module serving several commands
         return lambda args: fn(command, args)
     if command == "info":
         return lambda args: _run_info(fn, args)
     return fn
 
 
-def _run_info(fn, args: list[str]):
+def _parameters(fn) -> list[str]:
+    """The names of ``fn``'s parameters (none when it cannot be inspected)."""
     try:
-        takes_args = len(inspect.signature(fn).parameters) > 0
+        return list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
-        takes_args = False
-    if takes_args:
+        return []
+
+
+def _run_info(fn, args: list[str]):
+    if _parameters(fn):
         return fn(args)
     if any(a in ("-h", "--help") for a in args):
         print(_INFO_HELP, end="")
