@@ -1,4 +1,4 @@
-"""``python -m antibody_fast``: the ``antibody-fast`` command line (see antibody_fast/cli.py)."""
+"""``python -m antibody_fast``: the ``antibody-fast`` command line (see :mod:`antibody_fast.cli`)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""The CLI's error contract (issue 16): every user error is one line on stderr and exit 2, with no traceback
+"""The CLI's error contract: every user error is one line on stderr and exit 2, with no traceback
 and nothing written; one run per --output; resume tied to its run; no non-finite checkpoint or adapter."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 12 in the CLI: every method of the paper's tables (``align --method antibody|booster|vaccine|sft``,
+"""The command line runs every method of the paper's tables (``align --method antibody|booster|vaccine|sft``,
 ``finetune --method antibody|sft|lisa``), adapter continuation (``--adapter-mode``), ``--recipe paper`` with
 override precedence and ``--dry-run``, the logged combined alignment loss, data flags (``--refusals``,
 ``--truncation``, ``--drop-overlong``, ``--epochs``), resume and torchrun for the baselines.
@@ -203,9 +203,7 @@ def test_continue_refuses_contradicting_lora_options(env, adapters, tmp_path, ca
     args[args.index("--lora-r") + 1] = "4"
     assert commands.main("finetune", args) == 2
     assert "--lora-r 4 differs from the adapter's 2" in capsys.readouterr().err
-    assert (
-        commands.main("finetune", [*args, "--adapter-mode", "merge", "--dry-run"]) == 0
-    )  # a fresh r=4 LoRA
+    assert commands.main("finetune", [*args, "--adapter-mode", "merge", "--dry-run"]) == 0  # a fresh r=4 LoRA
     assert json.loads(capsys.readouterr().out)["adapter_mode"] == "merge"
     assert not (tmp_path / "o").exists()
 

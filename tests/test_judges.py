@@ -1,4 +1,4 @@
-"""HS judges (issue 16): a causal LM or a checkpoint without a trained head is refused as a classifier judge
+"""HS judges: a causal LM or a checkpoint without a trained head is refused as a classifier judge
 (it would report a bogus HS); the Llama-Guard-style causal-LM judge decides safe/unsafe (docs/reliability.md)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""JSON/JSONL loaders (issue 6 §3) on small benign files written by the tests.
+"""JSON/JSONL loaders (harmful, alignment, refusal and task formats; the poisoned set) on small benign files
+written by the tests.
 
 The "harmful" records here are placeholders with benign text: the repository holds no harmful text.
 """

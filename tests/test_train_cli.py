@@ -1,5 +1,5 @@
 """``antibody-fast align / finetune / evaluate`` end to end on a tiny random model saved locally, resume from a
-checkpoint, bad input, and the evaluation metrics (issue 6 §4-5).
+checkpoint, bad input, and the evaluation metrics (FA per task format, HS with each judge, AUROC).
 
 Every data file is written by the tests with benign placeholder text (the repository holds no harmful text).
 """
