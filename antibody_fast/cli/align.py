@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 from ..baselines import vaccine_step
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import AlignCollator
 from ..data.loaders import load_alignment, load_harmful
 from ..steps import AlignConfig, AlignState, FinetuneConfig, align_step, sft_step
@@ -20,7 +19,6 @@ from .inputs import collator_args, kept, order, precheck, refusal_pool, template
 from .loading import load_model
 from .loop import LoggedStats, TrainLoop, make_optimizer
 from .options import AlignOptions
-from .outputs import checked_extra, fingerprint, resume_checked
 from .runtime import WORLD, amp_dtype, sync_trainable, training_device
 
 __all__ = ["AlignRun", "run_align"]
@@ -79,21 +77,13 @@ class AlignRun(TrainLoop):
         self.collator = AlignCollator(**collator_args(opts, tokenizer, refusals))
         align, harmful = self._filtered(align, harmful)
         self.align, self.harmful = align, harmful
-        bs, world = opts.batch_size, WORLD.size
-        self.total = opts.resolve_steps(len(align), bs * world)
+        self.global_batch = opts.batch_size * WORLD.size
+        self.total = opts.resolve_steps(len(align), self.global_batch)
         sync_trainable(self.model)
         self.optimizer, self.scheduler = make_optimizer(self.model, opts, self.total)
         self.state = AlignState() if two_sets else None  # λ's EMA (Antibody; Booster keeps it constant)
         if self.ckpt is not None:
-            extra = load_checkpoint(
-                self.ckpt,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.state,
-                **resume_checked(self.ckpt, opts, self.out_dir),
-            )
-            self.start = checked_extra(extra, opts, self.ckpt, bs * world)["step"]
+            self.resume(self.state)
 
     def _filtered(self, align: list, harmful: list | None) -> tuple[list, list | None]:
         """``--drop-overlong``'s filtering, then a collator pre-check of every sample."""
@@ -159,17 +149,7 @@ class AlignRun(TrainLoop):
 
     def save(self, step):
         if WORLD.main:
-            global_batch = self.opts.batch_size * WORLD.size
-            extra = {"command": "align", "method": self.method, "step": step, "global_batch": global_batch}
-            save_checkpoint(
-                self.checkpoint_path,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.state,
-                extra=extra,
-                fingerprint=fingerprint(self.opts),
-            )
+            self.write_checkpoint(step, self.state)
         WORLD.barrier()
 
     def run_info(self) -> dict:

@@ -15,7 +15,6 @@ import os
 import torch
 
 from ..baselines import LisaConfig, LisaState, lisa_step
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import AlignCollator, FinetuneCollator
 from ..data.loaders import build_poisoned_set, load_alignment, load_harmful, load_task
 from ..distributed import all_reduce_sum
@@ -25,7 +24,7 @@ from .inputs import collator_args, kept, order, precheck, refusal_pool, template
 from .loading import adapter_mode, load_model
 from .loop import LoggedStats, TrainLoop, make_optimizer
 from .options import FinetuneOptions
-from .outputs import checked_extra, fingerprint, resume_checked, suppression_outputs
+from .outputs import suppression_outputs
 from .runtime import WORLD, amp_dtype, sync_trainable, training_device
 
 __all__ = ["FinetuneRun", "run_finetune", "phase_steps_before"]
@@ -78,13 +77,11 @@ class FinetuneRun(TrainLoop):
         self.collator = FinetuneCollator(**collator_args(opts, tokenizer, refusals))
         self.align_collator = AlignCollator(**collator_args(opts, tokenizer, refusals)) if lisa else None
         self.kept, self.align = self._filtered(examples, align)
-        n_all, n = (
-            len(examples),
-            len(self.kept),
-        )  # the report covers every sample; training samples the kept ones
-        self.batch_size = bs = min(opts.batch_size, n)
-        world = WORLD.size
-        self.total = total = opts.resolve_steps(n, bs * world)
+        # the report covers every sample; training samples the kept ones
+        n_all, n = len(examples), len(self.kept)
+        self.batch_size = min(opts.batch_size, n)
+        self.global_batch = self.batch_size * WORLD.size
+        self.total = total = opts.resolve_steps(n, self.global_batch)
         self.lisa_config = self.lisa_state = None
         if lisa:
             self.lisa_config = LisaConfig(
@@ -102,7 +99,7 @@ class FinetuneRun(TrainLoop):
         self.sum_w = torch.zeros(n_all, dtype=torch.float64, device=device)
         self.count = torch.zeros(n_all, dtype=torch.float64, device=device)
         if self.ckpt is not None:
-            self._resume(n_all, bs * world)
+            self._resume(n_all)
 
     def _filtered(self, examples: list, align: list) -> tuple[list, list]:
         """``--drop-overlong``'s filtering, then a collator pre-check of every sample."""
@@ -129,16 +126,8 @@ class FinetuneRun(TrainLoop):
             )
         return kept_examples, align
 
-    def _resume(self, n_all: int, global_batch: int) -> None:
-        extra = load_checkpoint(
-            self.ckpt,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.lisa_state,
-            **resume_checked(self.ckpt, self.opts, self.out_dir),
-        )
-        self.start = checked_extra(extra, self.opts, self.ckpt, global_batch)["step"]
+    def _resume(self, n_all: int) -> None:
+        extra = self.resume(self.lisa_state)
         if extra["sum_w"].shape != (n_all,):
             raise CLIError(
                 f"--resume: {self.ckpt!r} was written for {extra['sum_w'].shape[0]} user samples, not {n_all}"
@@ -215,18 +204,7 @@ class FinetuneRun(TrainLoop):
     def save(self, step):
         total_w, total_c = self.global_sums()  # every rank joins the reduction; rank 0 writes
         if WORLD.main:
-            global_batch = self.batch_size * WORLD.size
-            extra = {"command": "finetune", "method": self.method, "step": step, "global_batch": global_batch}
-            extra.update(sum_w=total_w.cpu(), count=total_c.cpu())
-            save_checkpoint(
-                self.checkpoint_path,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.lisa_state,
-                extra=extra,
-                fingerprint=fingerprint(self.opts),
-            )
+            self.write_checkpoint(step, self.lisa_state, sum_w=total_w.cpu(), count=total_c.cpu())
         WORLD.barrier()
 
     def run_info(self) -> dict:

@@ -16,7 +16,16 @@ from typing import Any
 
 from .console import progress_bar, say
 from .options import TrainOptions
-from .outputs import Metrics, lock_output, prepare_output, save_adapter, write_run_config
+from .outputs import (
+    Metrics,
+    checked_extra,
+    fingerprint,
+    lock_output,
+    prepare_output,
+    resume_checked,
+    save_adapter,
+    write_run_config,
+)
 from .runtime import WORLD
 
 __all__ = ["TrainLoop", "LoggedStats", "make_optimizer"]
@@ -56,8 +65,9 @@ class TrainLoop:
     """One training run of ``align`` or ``finetune`` into ``--output``.
 
     The constructor checks the output directory (nothing is written yet). A subclass's constructor then sets
-    :attr:`model` and :attr:`scheduler`, :attr:`start` (the step a resumed run continues from) and
-    :attr:`dropped` (samples ``--drop-overlong`` left out, by data set), and defines:
+    :attr:`model`, :attr:`optimizer`, :attr:`scheduler` and :attr:`global_batch` (samples per step over every
+    rank), :attr:`dropped` (samples ``--drop-overlong`` left out, by data set) and, resuming,
+    :attr:`start` through :meth:`resume`; and it defines:
 
     * :meth:`make_batch` ``(step) -> (batch on the device, real tokens)``: this rank's slice of the step's
       global batch;
@@ -74,13 +84,53 @@ class TrainLoop:
         self.command = opts.command
         self.out_dir, self.ckpt = prepare_output(opts)
         self.model: Any = None
+        self.optimizer: Any = None
         self.scheduler: Any = None
+        self.global_batch = 0
         self.start = 0
         self.dropped: dict[str, int] = {}
 
     @property
     def checkpoint_path(self) -> str:
         return os.path.join(self.out_dir, "checkpoint.pt")
+
+    def resume(self, state) -> dict:
+        """Load ``--resume``'s checkpoint into the model, optimizer, scheduler and ``state`` after checking that
+        it continues this run; sets :attr:`start` and returns the checkpoint's ``extra``."""
+        from ..checkpoint import load_checkpoint
+
+        extra = load_checkpoint(
+            self.ckpt,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            state,
+            **resume_checked(self.ckpt, self.opts, self.out_dir),
+        )
+        self.start = checked_extra(extra, self.opts, self.ckpt, self.global_batch)["step"]
+        return extra
+
+    def write_checkpoint(self, step: int, state, **more) -> None:
+        """Write ``OUTPUT/checkpoint.pt`` (rank 0 only): the trainable weights, optimizer, scheduler, ``state``
+        and the position (command, method, ``step``, global batch, ``more``), with the run's fingerprint."""
+        from ..checkpoint import save_checkpoint
+
+        extra = {
+            "command": self.command,
+            "method": self.opts.method,
+            "step": step,
+            "global_batch": self.global_batch,
+            **more,
+        }
+        save_checkpoint(
+            self.checkpoint_path,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            state,
+            extra=extra,
+            fingerprint=fingerprint(self.opts),
+        )
 
     # ------------------------------------------------------------------------------------ defined per command
     def make_batch(self, step: int) -> tuple[Any, int]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..data.loaders import TASKS
+from ..data.tasks import TASKS
 from .generate import greedy_generate
 from .judges import (
     JUDGE_KINDS,

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from ..data.loaders import GSM8K_ANSWER_PREFIX, TASKS
+from ..data.tasks import GSM8K_ANSWER_PREFIX, TASKS
 
 __all__ = ["extract_final_answer", "is_correct", "fine_tune_accuracy", "harmful_score"]
 
