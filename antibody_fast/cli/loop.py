@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+from ..checkpoint import cleanup_temporaries, load_checkpoint, save_checkpoint
 from .console import progress_bar, say
 from .options import TrainOptions
 from .outputs import (
@@ -97,8 +98,6 @@ class TrainLoop:
     def resume(self, state) -> dict:
         """Load ``--resume``'s checkpoint into the model, optimizer, scheduler and ``state`` after checking that
         it continues this run; sets :attr:`start` and returns the checkpoint's ``extra``."""
-        from ..checkpoint import load_checkpoint
-
         extra = load_checkpoint(
             self.ckpt,
             self.model,
@@ -113,8 +112,6 @@ class TrainLoop:
     def write_checkpoint(self, step: int, state, **more) -> None:
         """Write ``OUTPUT/checkpoint.pt`` (rank 0 only): the trainable weights, optimizer, scheduler, ``state``
         and the position (command, method, ``step``, global batch, ``more``), with the run's fingerprint."""
-        from ..checkpoint import save_checkpoint
-
         extra = {
             "command": self.command,
             "method": self.opts.method,
@@ -169,8 +166,6 @@ class TrainLoop:
             return None
         os.makedirs(self.out_dir, exist_ok=True)
         lock_output(self.out_dir)
-        from ..checkpoint import cleanup_temporaries
-
         cleanup_temporaries(self.checkpoint_path)
         write_run_config(
             self.out_dir, {"command": self.command, **self.opts.as_dict(), "world_size": WORLD.size, **info}

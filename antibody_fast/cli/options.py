@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from ..data.collate import TRUNCATION_SIDES
+from ..data.tasks import TASKS
 from ..models import ADAPTER_MODES
 from ..recipes import RECIPES
 from .console import CLIError
@@ -42,7 +43,6 @@ __all__ = [
 
 ALIGN_METHODS = ("antibody", "booster", "vaccine", "sft")
 FINETUNE_METHODS = ("antibody", "sft", "lisa")
-TASK_FORMATS = ("sst2", "agnews", "gsm8k", "alpaca")
 DEFAULT_SOURCE = "default"
 CLI_SOURCE = "command line"
 
@@ -61,7 +61,7 @@ class Opt:
     flag: bool = False
 
 
-def _float(x):
+def _float(x):  # argparse names the converter in its errors: "invalid _float value"
     return float(x)
 
 
@@ -387,7 +387,7 @@ class FinetuneOptions(TrainOptions):
         "lisa_warmup_fraction": ("lisa",),
     }
 
-    task: str | None = _opt(str, None, "user task format (required)", choices=TASK_FORMATS)
+    task: str | None = _opt(str, None, "user task format (required)", choices=TASKS)
     task_data: str | None = _opt(str, None, "user task JSON/JSONL (required)")
     harmful_data: str | None = _opt(
         str, None, "harmful JSON/JSONL mixed into the user data (required when ratio > 0)"
@@ -459,7 +459,7 @@ class EvaluateOptions(CommonOptions):
         "Fine-tune accuracy (FA) on a task test set and harmful score (HS) on harmful prompts."
     )
 
-    task: str | None = _opt(str, None, "task format of --task-data", choices=TASK_FORMATS)
+    task: str | None = _opt(str, None, "task format of --task-data", choices=TASKS)
     task_data: str | None = _opt(str, None, "task test JSON/JSONL (FA)")
     harmful_prompts: str | None = _opt(str, None, "BeaverTails-style JSON/JSONL of harmful prompts (HS)")
     judge_model: str | None = _opt(
