@@ -15,14 +15,20 @@ demo       embedded end-to-end CPU demo                 ``antibody_fast.demo.mai
 info       versions, devices, implementation per op     ``antibody_fast.info.main()``
 =========  ===========================================  =========================================
 
-The package's modules (docs/design.md §4): :mod:`~antibody_fast.cli.commands` (``main(command, argv)`` of
-``align`` / ``finetune`` / ``evaluate``), :mod:`~antibody_fast.cli.console` (status lines, progress bar, and the
-error contract: one line, exit status 2), :mod:`~antibody_fast.cli.options` (one typed dataclass per command) and :mod:`~antibody_fast.cli.resolve` (defaults < recipe < config file < flags),
-:mod:`~antibody_fast.cli.runtime` (torchrun world, device, seed, autocast), :mod:`~antibody_fast.cli.loading`
-(model, adapters, adapter mode), :mod:`~antibody_fast.cli.inputs` (data order, templates, collator checks),
-:mod:`~antibody_fast.cli.outputs` (run directory, lock, metrics, checkpoint fingerprint, adapter, AUROC and
-suppression report), :mod:`~antibody_fast.cli.loop` (:class:`~antibody_fast.cli.loop.TrainLoop`, shared by
-:mod:`~antibody_fast.cli.align` and :mod:`~antibody_fast.cli.finetune`) and :mod:`~antibody_fast.cli.evaluate`.
+The package's modules (docs/design.md §4):
+
+* :mod:`~antibody_fast.cli.commands`: ``main(command, argv)`` of ``align`` / ``finetune`` / ``evaluate``;
+* :mod:`~antibody_fast.cli.console`: status lines, the progress bar, the error contract (one line, exit 2);
+* :mod:`~antibody_fast.cli.options`: one typed dataclass per command; :mod:`~antibody_fast.cli.resolve`:
+  defaults < recipe < config file < flags;
+* :mod:`~antibody_fast.cli.runtime`: torchrun world, device, seed, autocast;
+* :mod:`~antibody_fast.cli.loading`: model, adapters, adapter mode;
+* :mod:`~antibody_fast.cli.inputs`: data order, templates, collator checks;
+* :mod:`~antibody_fast.cli.outputs`: run directory, lock, metrics, checkpoint fingerprint, adapter, AUROC and
+  suppression report;
+* :mod:`~antibody_fast.cli.loop`: :class:`~antibody_fast.cli.loop.TrainLoop`, which
+  :mod:`~antibody_fast.cli.align` and :mod:`~antibody_fast.cli.finetune` subclass;
+  :mod:`~antibody_fast.cli.evaluate`.
 """
 
 from __future__ import annotations
