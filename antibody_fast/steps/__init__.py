@@ -4,7 +4,7 @@
 Every step takes an HF causal LM (PEFT-wrapped or not, optionally wrapped in ``DistributedDataParallel``),
 a prompt-aligned batch (:mod:`antibody_fast.data.batch`) and a torch optimizer built on the model's
 parameters, and performs one optimizer update. The model is split once into its trunk (the decoder that
-returns the final hidden state), its lm_head and the logit soft-cap (:func:`antibody_fast._model.get_trunk_and_head`);
+returns the final hidden state), its lm_head and the logit soft-cap (:func:`antibody_fast.models.get_trunk_and_head`);
 losses are computed from the hidden states with the fused linear log-likelihood
 (:func:`antibody_fast.ops.linear_sequence_logprob`), so logits are never materialised and prompt / padding rows
 never reach the lm_head matmul.
