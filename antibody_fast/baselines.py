@@ -75,7 +75,11 @@ def _check_max_grad_norm(max_grad_norm) -> None:
         raise ValueError(f"max_grad_norm must be >= 0 or None, got {max_grad_norm}")
 
 
-def _check_batch(model: nn.Module, batch: LMBatch, name: str = "batch") -> None:
+def _check_inputs(model: nn.Module, optimizer, batch: LMBatch, name: str = "batch") -> None:
+    """The optimizer, the trainable parameters and the batch (type, shape, device, an answer token)."""
+    if optimizer is None:
+        raise ValueError("an optimizer is required")
+    _trainable(model)
     if not isinstance(batch, LMBatch):
         raise TypeError(f"{name} must be an antibody_fast.data.LMBatch, got {type(batch).__name__}")
     if batch.input_ids.dim() != 2 or batch.input_ids.shape[0] == 0:
@@ -97,13 +101,8 @@ def _lm_loss(model: nn.Module, batch: LMBatch, impl: str = "auto") -> torch.Tens
     return loss
 
 
-def _check_common(model, optimizer):
-    if optimizer is None:
-        raise ValueError("an optimizer is required")
-    return _trainable(model)
-
-
-def _reference_clip(params, max_grad_norm) -> torch.Tensor:
+def _reference_update(params, optimizer, scheduler, max_grad_norm) -> torch.Tensor:
+    """The references' Python-loop clip, then optimizer step, scheduler step, ``zero_grad``."""
     total = 0.0
     for p in params:
         if p.grad is not None:
@@ -114,12 +113,6 @@ def _reference_clip(params, max_grad_norm) -> torch.Tensor:
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(coef)
-    return norm
-
-
-def _reference_update(params, optimizer, scheduler, max_grad_norm) -> torch.Tensor:
-    """The references' Python-loop clip, then optimizer step, scheduler step, ``zero_grad``."""
-    norm = _reference_clip(params, max_grad_norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -179,8 +172,7 @@ def vaccine_step(
         clipping, ``clean_loss``, ``perturbation_grad_norm`` and ``skipped``.
     """
     config = checked_config(config, VaccineConfig, None)
-    _check_common(model, optimizer)
-    _check_batch(model, batch)
+    _check_inputs(model, optimizer, batch)
     modules = list(attention_modules) if attention_modules is not None else find_attention_modules(model)
     flat = flat_parameters(model)
     guard = start_guard(optimizer, flat, config, "vaccine_step")
@@ -398,8 +390,7 @@ def _check_lisa(model, batch, optimizer, state, config):
     if not isinstance(state, LisaState):
         raise TypeError(f"state must be a LisaState, got {type(state).__name__}")
     config = checked_config(config, LisaConfig, None)
-    _check_common(model, optimizer)
-    _check_batch(model, batch)
+    _check_inputs(model, optimizer, batch)
     flat = flat_parameters(model)
     bufs = flat.param_buffers
     if state.anchor is not None:
