@@ -14,6 +14,11 @@ tests hold them equal to.
   anchor is the trainable parameters at the last switch of state. The caller asks :meth:`LisaState.phase`
   which data the next step needs.
 
+The steps have the shape of :mod:`antibody_fast.steps`: ``(model, batch, optimizer[, state], config, scheduler)``
+with a config dataclass (:class:`VaccineConfig`, :class:`LisaConfig`; ``validate()`` raises on a bad option)
+and a :class:`~antibody_fast.steps.StepStats` result (``clean_loss`` / ``perturbation_grad_norm`` for Vaccine,
+``proximal`` for Lisa).
+
 Under ``torch.distributed`` (e.g. ``torchrun``; default process group) both steps compute the global batch's
 update: token counts, gradients (and Vaccine's ``||g||_global``) are summed over ranks, as in
 :func:`antibody_fast.sft_step`. All steps take every ``requires_grad`` parameter of the model as the trainable
@@ -25,28 +30,30 @@ set, clip the global gradient norm to ``max_grad_norm`` (torch's ``clip_grad_nor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ._model import (
+    attention_output,
+    find_attention_modules,
+    flat_parameters,
+    parts,
+    replace_attention_output,
+    trainable_params,
+)
 from .data.batch import IGNORE_INDEX, LMBatch
 from .distributed import all_reduce_sum, is_distributed
 from .reference import hf_loss
-from .steps import (
-    _finish,
-    _global_loss_value,
-    _parts,
-    _reduce_grads,
-    _start_guard,
-    _token_mean_loss,
-    flat_parameters,
-)
+from .steps._common import finish, global_loss_value, reduce_grads, start_guard, token_mean_loss
+from .steps._validate import check_guard, checked_config
+from .steps.config import StepStats
 
 __all__ = [
-    "BaselineStats",
     "LisaConfig",
     "LisaState",
+    "VaccineConfig",
     "find_attention_modules",
     "lisa_step",
     "reference_lisa_step",
@@ -54,50 +61,25 @@ __all__ = [
     "vaccine_step",
 ]
 
-_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-
-
-@dataclass
-class BaselineStats:
-    """Per-step statistics, all 0-d tensors on the model's device (read them after the step, off the hot path).
-
-    Attributes:
-        loss: the token-mean cross-entropy that produced the update (fp32; for Lisa it excludes the proximal term).
-        grad_norm: the global gradient norm before clipping (fp32).
-        extra: method-specific scalars: Vaccine ``perturbation_grad_norm`` (``||g||_global`` of pass 1) and
-            ``clean_loss`` (pass-1 loss); Lisa ``proximal`` (``rho_L/2 * ||theta - anchor||^2``).
-        skipped: 0-dim bool, true when the non-finite guard skipped the update (θ and the optimizer state
-            unchanged; see :mod:`antibody_fast.guard`); ``None`` when the guard is off or for the references.
-    """
-
-    loss: torch.Tensor
-    grad_norm: torch.Tensor
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    skipped: torch.Tensor | None = None
-
-
-class _GuardOpts:
-    """The guard options of :func:`vaccine_step` in the shape :func:`~antibody_fast.steps._start_guard` reads."""
-
-    def __init__(self, guard_nonfinite: bool, max_consecutive_skips: int | None) -> None:
-        if not isinstance(guard_nonfinite, bool):
-            raise ValueError(f"guard_nonfinite must be a bool, got {guard_nonfinite!r}")
-        m = max_consecutive_skips
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"max_consecutive_skips must be None or an int >= 1, got {m!r}")
-        self.guard_nonfinite = guard_nonfinite
-        self.max_consecutive_skips = max_consecutive_skips
-
 
 # -------------------------------------------------------------------------------------------------- helpers
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_params(model)
     if not params:
         raise ValueError("the model has no trainable parameters (no parameter has requires_grad=True)")
     return params
 
 
-def _check_batch(model: nn.Module, batch: LMBatch, name: str = "batch") -> None:
+def _check_max_grad_norm(max_grad_norm) -> None:
+    if max_grad_norm is not None and not max_grad_norm >= 0:
+        raise ValueError(f"max_grad_norm must be >= 0 or None, got {max_grad_norm}")
+
+
+def _check_inputs(model: nn.Module, optimizer, batch: LMBatch, name: str = "batch") -> None:
+    """The optimizer, the trainable parameters and the batch (type, shape, device, an answer token)."""
+    if optimizer is None:
+        raise ValueError("an optimizer is required")
+    _trainable(model)
     if not isinstance(batch, LMBatch):
         raise TypeError(f"{name} must be an antibody_fast.data.LMBatch, got {type(batch).__name__}")
     if batch.input_ids.dim() != 2 or batch.input_ids.shape[0] == 0:
@@ -112,103 +94,98 @@ def _check_batch(model: nn.Module, batch: LMBatch, name: str = "batch") -> None:
         raise ValueError(f"{name} has no answer token (every label is {IGNORE_INDEX})")
 
 
-def find_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The attention block of every decoder layer, in layer order.
-
-    A module counts when its attribute name is one of ``self_attn``, ``attn``, ``attention``,
-    ``self_attention`` (HF Llama, Qwen2, Gemma, Mistral, GPT-2 naming) and it has parameters; nested matches
-    (an ``attn`` inside a ``self_attn``) are skipped. PEFT-wrapped models work (LoRA layers live inside).
-    """
-    found: list[tuple[str, nn.Module]] = []
-    for name, mod in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in _ATTENTION_NAMES and any(True for _ in mod.parameters()):
-            if any(name.startswith(prev + ".") for prev, _ in found):
-                continue
-            found.append((name, mod))
-    if not found:
-        raise ValueError(
-            "no attention block found (looked for submodules named " + ", ".join(_ATTENTION_NAMES) + "); "
-            "pass attention_modules= explicitly"
-        )
-    return [m for _, m in found]
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_first(output, value):
-    if isinstance(output, tuple):
-        return (value, *output[1:])
-    return value
-
-
 def _lm_loss(model: nn.Module, batch: LMBatch, impl: str = "auto") -> torch.Tensor:
     """Token-mean CE over answer tokens with the fused linear log-likelihood (0-d fp32 tensor): the same loss
     as :func:`antibody_fast.sft_step`."""
-    loss, _ = _token_mean_loss(_parts(model), batch, impl, None, None, None)
+    loss, _ = token_mean_loss(parts(model), batch, impl, None, None, None)
     return loss
 
 
-def _check_common(model, optimizer, max_grad_norm):
-    if optimizer is None:
-        raise ValueError("an optimizer is required")
-    if max_grad_norm is not None and not max_grad_norm >= 0:
-        raise ValueError(f"max_grad_norm must be >= 0 or None, got {max_grad_norm}")
-    return _trainable(model)
+def _reference_update(params, optimizer, scheduler, max_grad_norm) -> torch.Tensor:
+    """The references' Python-loop clip, then optimizer step, scheduler step, ``zero_grad``."""
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total = total + p.grad.detach().float().pow(2).sum()
+    norm = torch.as_tensor(total).sqrt()
+    if max_grad_norm:
+        coef = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 # --------------------------------------------------------------------------------------------------- Vaccine
+@dataclass
+class VaccineConfig:
+    """Vaccine hyper-parameters.
+
+    Attributes:
+        rho: perturbation radius ``rho_V`` (the authors use 5 for LoRA on Llama-2).
+        max_grad_norm: clip of the global gradient norm of pass 2 (``None``/0: no clipping).
+        impl: implementation of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
+        guard_nonfinite, max_consecutive_skips: the non-finite guard, as in
+            :class:`~antibody_fast.FinetuneConfig` (a non-finite perturbation norm also skips the step).
+    """
+
+    rho: float = 5.0
+    max_grad_norm: float | None = 1.0
+    impl: str = "auto"
+    guard_nonfinite: bool = True
+    max_consecutive_skips: int | None = 10
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on a bad option."""
+        _check_max_grad_norm(self.max_grad_norm)
+        rho = self.rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0 <= rho < float("inf")):
+            raise ValueError(f"rho must be a finite number >= 0, got {rho}")
+        check_guard(self, None)
+
+
 def vaccine_step(
     model: nn.Module,
     batch: LMBatch,
     optimizer: torch.optim.Optimizer,
-    *,
-    rho: float = 5.0,
-    max_grad_norm: float | None = 1.0,
+    config: VaccineConfig | None = None,
     scheduler=None,
+    *,
     attention_modules: Sequence[nn.Module] | None = None,
-    impl: str = "auto",
-    guard_nonfinite: bool = True,
-    max_consecutive_skips: int | None = 10,
-) -> BaselineStats:
+) -> StepStats:
     """One Vaccine alignment step (perturbation-aware alignment on the attention outputs).
 
     Args:
         model: HF causal LM (PEFT-wrapped or not); its ``requires_grad`` parameters are trained.
         batch: alignment data, an :class:`~antibody_fast.data.LMBatch` (``input_ids`` ``[B, T]`` int64 ...).
         optimizer: over the trainable parameters.
-        rho: perturbation radius ``rho_V`` (the authors use 5 for LoRA on Llama-2).
-        max_grad_norm: clip of the global gradient norm of pass 2 (``None``/0: no clipping).
+        config: :class:`VaccineConfig` (default ``VaccineConfig()``).
         scheduler: stepped after the optimizer when given.
         attention_modules: the blocks whose output is perturbed (default :func:`find_attention_modules`).
-        impl: implementation of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
-        guard_nonfinite, max_consecutive_skips: the non-finite guard, as in
-            :class:`~antibody_fast.FinetuneConfig` (a non-finite perturbation norm also skips the step).
 
     Returns:
-        :class:`BaselineStats`: ``loss`` = the perturbed (pass-2) loss, ``grad_norm`` before clipping, ``extra``
-        with ``clean_loss`` and ``perturbation_grad_norm``.
+        :class:`~antibody_fast.steps.StepStats`: ``loss`` = the perturbed (pass-2) loss, ``grad_norm`` before
+        clipping, ``clean_loss``, ``perturbation_grad_norm`` and ``skipped``.
     """
-    _check_common(model, optimizer, max_grad_norm)
-    _check_batch(model, batch)
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0 <= rho < float("inf")):
-        raise ValueError(f"rho must be a finite number >= 0, got {rho}")
-    gopts = _GuardOpts(guard_nonfinite, max_consecutive_skips)
+    config = checked_config(config, VaccineConfig, None)
+    _check_inputs(model, optimizer, batch)
     modules = list(attention_modules) if attention_modules is not None else find_attention_modules(model)
     flat = flat_parameters(model)
-    guard = _start_guard(optimizer, flat, gopts, "vaccine_step")
+    guard = start_guard(optimizer, flat, config, "vaccine_step")
 
     # pass 1: gradients w.r.t. the attention outputs only
     outputs: list[torch.Tensor] = []
 
     def record(_mod, _args, output):
-        outputs.append(_first(output))
+        outputs.append(attention_output(output))
 
     handles = [m.register_forward_hook(record) for m in modules]
     try:
-        clean_loss = _lm_loss(model, batch, impl)
+        clean_loss = _lm_loss(model, batch, config.impl)
     finally:
         for h in handles:
             h.remove()
@@ -223,67 +200,66 @@ def vaccine_step(
     gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
     if is_distributed():  # ||g||_global over the global batch: every rank holds its samples' rows
         gnorm = all_reduce_sum(gnorm.square()).sqrt()
-    scale = rho / (gnorm + 1e-7)
+    scale = config.rho / (gnorm + 1e-7)
     perturb = [(g * scale.to(g.dtype)).detach() for g in grads]
     del grads
 
     # pass 2: the perturbed forward/backward gives the update gradient
+    loss = _perturbed_loss(model, batch, modules, perturb, lambda: _lm_loss(model, batch, config.impl))
+    loss.backward()
+    flat.ensure_grad_views()  # no-op unless something replaced .grad (e.g. optimizer.zero_grad())
+    reduce_grads(flat, None)  # under torchrun: the global batch's gradient (no-op in one process)
+    loss_value = global_loss_value(loss, None)  # the same on every rank, so every rank skips alike
+    with torch.no_grad():
+        ok = torch.isfinite(gnorm) & torch.isfinite(loss_value)
+    norm, skipped = finish(flat, optimizer, scheduler, config, guard, ok)
+    return StepStats(
+        loss=loss_value,
+        grad_norm=norm,
+        skipped=skipped,
+        clean_loss=global_loss_value(clean_loss, None),
+        perturbation_grad_norm=gnorm.detach(),
+    )
+
+
+def _perturbed_loss(model, batch, modules, perturb, loss_fn) -> torch.Tensor:
+    """``loss_fn()`` with ``perturb[i]`` added to the output of attention block ``modules[i]``."""
+
     def add(i):
         def hook(_mod, _args, output):
-            return _replace_first(output, _first(output) + perturb[i])
+            return replace_attention_output(output, attention_output(output) + perturb[i])
 
         return hook
 
     handles = [m.register_forward_hook(add(i)) for i, m in enumerate(modules)]
     try:
-        loss = _lm_loss(model, batch, impl)
+        return loss_fn()
     finally:
         for h in handles:
             h.remove()
-    loss.backward()
-    flat.ensure_grad_views()  # no-op unless something replaced .grad (e.g. optimizer.zero_grad())
-    _reduce_grads(flat, None)  # under torchrun: the global batch's gradient (no-op in one process)
-    loss_value = _global_loss_value(loss, None)  # the same on every rank, so every rank skips alike
-    with torch.no_grad():
-        ok = torch.isfinite(gnorm) & torch.isfinite(loss_value)
-    norm, skipped = _finish(
-        flat,
-        optimizer,
-        scheduler,
-        max_grad_norm or None,  # 0 or None: no clip
-        impl,
-        guard=guard if guard_nonfinite else None,
-        ok=ok,
-        max_consecutive_skips=max_consecutive_skips,
-    )
-    return BaselineStats(
-        loss=loss_value,
-        grad_norm=norm,
-        extra={"clean_loss": _global_loss_value(clean_loss, None), "perturbation_grad_norm": gnorm.detach()},
-        skipped=skipped,
-    )
 
 
 def reference_vaccine_step(
     model: nn.Module,
     batch: LMBatch,
     optimizer: torch.optim.Optimizer,
-    *,
-    rho: float = 5.0,
-    max_grad_norm: float | None = 1.0,
+    config: VaccineConfig | None = None,
     scheduler=None,
+    *,
     attention_modules: Sequence[nn.Module] | None = None,
-) -> BaselineStats:
+) -> StepStats:
     """Naive Vaccine: HF's loss, ``retain_grad`` on every attention output and a full backward in pass 1
     (parameter grads computed then thrown away), per-tensor Python loops for the norms and the clip.
-    Same arguments and result as :func:`vaccine_step`; the tests' oracle."""
+    Same arguments and result as :func:`vaccine_step` (``impl`` and the guard options are not used; no
+    ``skipped``); the tests' oracle."""
+    config = VaccineConfig() if config is None else config
     params = _trainable(model)
     modules = list(attention_modules) if attention_modules is not None else find_attention_modules(model)
     store: dict[int, torch.Tensor] = {}
 
     def keep(i):
         def hook(_mod, _args, output):
-            t = _first(output)
+            t = attention_output(output)
             t.retain_grad()
             store[i] = t
 
@@ -304,43 +280,16 @@ def reference_vaccine_step(
     for i in grads:
         total = total + grads[i].float().pow(2).sum()
     gnorm = total.sqrt()
-    eps = {i: grads[i] * (rho / (gnorm + 1e-7)) for i in grads}
-
-    def add(i):
-        def hook(_mod, _args, output):
-            return _replace_first(output, _first(output) + eps[i])
-
-        return hook
-
-    handles = [m.register_forward_hook(add(i)) for i, m in enumerate(modules)]
-    loss = hf_loss(model, batch)
-    for h in handles:
-        h.remove()
+    eps = {i: grads[i] * (config.rho / (gnorm + 1e-7)) for i in grads}
+    loss = _perturbed_loss(model, batch, modules, eps, lambda: hf_loss(model, batch))
     loss.backward()
-    norm = _reference_clip(params, max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return BaselineStats(
+    norm = _reference_update(params, optimizer, scheduler, config.max_grad_norm)
+    return StepStats(
         loss=loss.detach(),
         grad_norm=norm,
-        extra={"clean_loss": clean_loss.detach(), "perturbation_grad_norm": gnorm.detach()},
+        clean_loss=clean_loss.detach(),
+        perturbation_grad_norm=gnorm.detach(),
     )
-
-
-def _reference_clip(params, max_grad_norm) -> torch.Tensor:
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            total = total + p.grad.detach().float().pow(2).sum()
-    norm = torch.as_tensor(total).sqrt()
-    if max_grad_norm:
-        coef = min(1.0, max_grad_norm / (float(norm) + 1e-6))
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
-    return norm
 
 
 # ------------------------------------------------------------------------------------------------------ Lisa
@@ -359,6 +308,7 @@ class LisaConfig:
             HF's ``state.global_step`` reads inside ``training_step``). Authors: 0.1.
         total_steps: the run's total step count, which the warm-up needs. ``None`` (the default for library
             callers that do not know it) turns the warm-up off; the CLI and the demo pass it.
+        impl: implementation of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
         guard_nonfinite, max_consecutive_skips: the non-finite guard, as in :class:`~antibody_fast.FinetuneConfig`.
     """
 
@@ -369,6 +319,7 @@ class LisaConfig:
     first_phase: str = "align"
     warmup_fraction: float = 0.1
     total_steps: int | None = None
+    impl: str = "auto"
     guard_nonfinite: bool = True
     max_consecutive_skips: int | None = 10
 
@@ -379,6 +330,7 @@ class LisaConfig:
         return step > self.warmup_fraction * self.total_steps
 
     def validate(self) -> None:
+        """Raise ``ValueError`` on a bad option."""
         if self.align_steps < 0 or self.finetune_steps < 0 or self.align_steps + self.finetune_steps == 0:
             raise ValueError(
                 f"align_steps and finetune_steps must be >= 0 with a positive sum, got "
@@ -386,11 +338,10 @@ class LisaConfig:
             )
         if not (0 <= self.rho < float("inf")):
             raise ValueError(f"rho must be a finite number >= 0, got {self.rho}")
-        _GuardOpts(self.guard_nonfinite, self.max_consecutive_skips)
+        check_guard(self, None)
         if self.first_phase not in ("align", "finetune"):
             raise ValueError(f"first_phase must be 'align' or 'finetune', got {self.first_phase!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
-            raise ValueError(f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm}")
+        _check_max_grad_norm(self.max_grad_norm)
         if not 0 <= self.warmup_fraction <= 1:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
         if self.total_steps is not None and not (isinstance(self.total_steps, int) and self.total_steps >= 1):
@@ -438,11 +389,8 @@ class LisaState:
 def _check_lisa(model, batch, optimizer, state, config):
     if not isinstance(state, LisaState):
         raise TypeError(f"state must be a LisaState, got {type(state).__name__}")
-    if not isinstance(config, LisaConfig):
-        raise TypeError(f"config must be a LisaConfig, got {type(config).__name__}")
-    config.validate()
-    _check_common(model, optimizer, config.max_grad_norm)
-    _check_batch(model, batch)
+    config = checked_config(config, LisaConfig, None)
+    _check_inputs(model, optimizer, batch)
     flat = flat_parameters(model)
     bufs = flat.param_buffers
     if state.anchor is not None:
@@ -455,7 +403,7 @@ def _check_lisa(model, batch, optimizer, state, config):
                 "state.anchor does not match the model's flat trainable parameters (shapes "
                 f"{[tuple(a.shape) for a in state.anchor]} vs {[tuple(b.shape) for b in bufs]})"
             )
-    return flat
+    return config, flat
 
 
 def lisa_step(
@@ -464,10 +412,8 @@ def lisa_step(
     optimizer: torch.optim.Optimizer,
     state: LisaState,
     config: LisaConfig | None = None,
-    *,
     scheduler=None,
-    impl: str = "auto",
-) -> BaselineStats:
+) -> StepStats:
     """One Lisa step on ``batch``: alignment data when ``state.phase(config) == "align"``, user data otherwise.
 
     Loss = token-mean CE (fused, as :func:`antibody_fast.sft_step`) + ``rho/2 * ||theta - anchor||^2``. The
@@ -482,20 +428,19 @@ def lisa_step(
         state: :class:`LisaState`, advanced by one step.
         config: :class:`LisaConfig` (default ``LisaConfig()``).
         scheduler: stepped after the optimizer when given.
-        impl: implementation of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
 
     During the authors' warm-up (``config.proximal_on(state.step)`` false: the first ``warmup_fraction`` of
     ``total_steps``) the proximal term is off and the step is plain SFT on the current state's data.
 
     Returns:
-        :class:`BaselineStats` with ``extra["proximal"]``, the proximal term's value before the update (0 during
-        the warm-up).
+        :class:`~antibody_fast.steps.StepStats` with ``loss``, ``grad_norm``, ``skipped`` and ``proximal``, the
+        proximal term's value before the update (0 during the warm-up).
     """
-    config = LisaConfig() if config is None else config
-    flat = _check_lisa(model, batch, optimizer, state, config)
-    guard = _start_guard(optimizer, flat, config, "lisa_step")
+    config, flat = _check_lisa(model, batch, optimizer, state, config)
+    guard = start_guard(optimizer, flat, config, "lisa_step")
     from .ops.flat_ops import antibody_combine_, grad_dots
 
+    impl = config.impl
     theta = flat.param_buffers
     if state.anchor is None:
         state.anchor = [t.detach().clone() for t in theta]
@@ -507,7 +452,7 @@ def lisa_step(
     loss.backward()
     flat.ensure_grad_views()
     # under torchrun: the global batch's gradient, before the (rank-equal) proximal one
-    _reduce_grads(flat, None)
+    reduce_grads(flat, None)
     grads = flat.grad_buffers
     with torch.no_grad():
         # ||theta - anchor||^2 is the third of grad_dots(g, theta, anchor) (one fused pass, no temporary), and
@@ -515,21 +460,12 @@ def lisa_step(
         prox = 0.5 * rho * grad_dots(grads, theta, state.anchor, impl=impl)[2]
         if rho:
             antibody_combine_(grads, grads, theta, state.anchor, None, rho, 0.0, impl=impl)
-    loss_value = _global_loss_value(loss, None)  # the same on every rank, so every rank skips alike
+    loss_value = global_loss_value(loss, None)  # the same on every rank, so every rank skips alike
     with torch.no_grad():
         ok = torch.isfinite(loss_value) & torch.isfinite(prox)
-    norm, skipped = _finish(
-        flat,
-        optimizer,
-        scheduler,
-        config.max_grad_norm or None,  # 0 or None: no clip
-        impl,
-        guard=guard if config.guard_nonfinite else None,
-        ok=ok,
-        max_consecutive_skips=config.max_consecutive_skips,
-    )
+    norm, skipped = finish(flat, optimizer, scheduler, config, guard, ok)
     state.step += 1
-    return BaselineStats(loss=loss_value, grad_norm=norm, extra={"proximal": prox}, skipped=skipped)
+    return StepStats(loss=loss_value, grad_norm=norm, skipped=skipped, proximal=prox)
 
 
 def reference_lisa_step(
@@ -538,11 +474,11 @@ def reference_lisa_step(
     optimizer: torch.optim.Optimizer,
     state: LisaState,
     config: LisaConfig | None = None,
-    *,
     scheduler=None,
-) -> BaselineStats:
+) -> StepStats:
     """Naive Lisa: HF's loss plus the proximal term written into the autograd graph, parameter by parameter,
-    and a Python-loop clip. Same arguments and result as :func:`lisa_step`; the tests' oracle."""
+    and a Python-loop clip. Same arguments and result as :func:`lisa_step` (no ``skipped``); the tests'
+    oracle."""
     config = LisaConfig() if config is None else config
     params = _trainable(model)
     phase_now = state.phase(config)
@@ -555,10 +491,6 @@ def reference_lisa_step(
         prox = prox + ((p - a) ** 2).sum()
     prox = (config.rho if config.proximal_on(state.step) else 0.0) / 2 * prox
     (loss + prox).backward()
-    norm = _reference_clip(params, config.max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    norm = _reference_update(params, optimizer, scheduler, config.max_grad_norm)
     state.step += 1
-    return BaselineStats(loss=loss.detach(), grad_norm=norm, extra={"proximal": prox.detach()})
+    return StepStats(loss=loss.detach(), grad_norm=norm, proximal=prox.detach())

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from ._model import named_trainable, unwrap_ddp
+
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
@@ -66,20 +68,6 @@ class NonFiniteCheckpointError(ValueError):
 
 
 CHECKPOINT_FORMAT = "antibody_fast.checkpoint/1"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DistributedDataParallel / DataParallel keep the real model in .module; parameter names differ by
-    # the "module." prefix, which we never store.
-    while isinstance(
-        model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    ):  # pragma: no cover - DDP wrap
-        model = model.module
-    return model
-
-
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in _unwrap(model).named_parameters() if p.requires_grad}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -217,7 +205,7 @@ def save_checkpoint(
         allow_nonfinite: write even when a tensor holds NaN/inf (default: raise
             :class:`NonFiniteCheckpointError` before writing anything).
     """
-    params = _trainable(model)
+    params = named_trainable(unwrap_ddp(model))  # names without DDP's "module." prefix
     if not params:
         raise ValueError("save_checkpoint: the model has no trainable parameters (requires_grad=True)")
     payload: dict[str, Any] = {
@@ -394,7 +382,7 @@ def load_checkpoint(
                 "(resume with the original options, or force the resume)",
                 diff,
             )
-    params = _trainable(model)
+    params = named_trainable(unwrap_ddp(model))  # names without DDP's "module." prefix
     saved = payload["params"]
     if not isinstance(saved, dict):
         raise ValueError(f"load_checkpoint: {path!r} has a corrupt 'params' entry")

@@ -1,7 +1,7 @@
-"""Model utilities: trunk / lm_head extraction, tiny randomly initialised models, LoRA.
+"""Model utilities: tiny randomly initialised models, LoRA adapters, real pretrained models.
 
-``get_trunk_and_head`` splits an HF causal LM (PEFT-wrapped or not) into the decoder trunk, which returns the
-final (normed) hidden state, and the lm_head whose weight the fused log-likelihood op consumes.
+``get_trunk_and_head`` (split an HF causal LM into its decoder trunk and lm_head) and ``unwrap_peft`` live in
+:mod:`antibody_fast._model` with the rest of the model plumbing and are re-exported here.
 
 The tiny factories build models from configs with random weights (no hub access), seeded and reproducible,
 with ``attn_implementation="sdpa"`` for Llama and Qwen2 and ``"eager"`` for Gemma-2 (its attention-logit
@@ -22,6 +22,8 @@ import math
 import os
 
 import torch
+
+from ._model import get_trunk_and_head, unwrap_peft
 
 __all__ = [
     "ADAPTER_MODES",
@@ -44,66 +46,6 @@ ADAPTER_MODES = ("continue", "merge")
 a fresh LoRA (the authors' pipeline after Vaccine)."""
 ADAPTER_METADATA = "antibody_fast_adapter.json"
 """File next to ``adapter_config.json`` recording which command and method made an adapter."""
-
-
-def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
-    """The underlying transformers model of a ``PeftModel`` (``get_base_model()``), else ``model`` itself.
-
-    The adapters stay injected in the returned model's layers, so running it runs the adapters.
-    """
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and hasattr(model, "peft_config"):
-        return get_base()
-    return model
-
-
-def get_trunk_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear, float | None]:
-    """Split a causal LM into ``(trunk, lm_head, softcap)``.
-
-    Works for HF ``*ForCausalLM`` models that keep their decoder in ``get_decoder()`` (or ``.model``) and a
-    linear ``lm_head`` (Llama, Qwen2, Mistral, Gemma-2, ...), PEFT-wrapped or not.
-
-    * ``trunk(input_ids=..., attention_mask=..., position_ids=..., past_key_values=..., use_cache=...)``
-      returns an output whose ``last_hidden_state`` is ``[B, T, H]`` (final norm applied).
-    * ``lm_head.weight`` is ``[V, H]`` (``lm_head.bias`` ``[V]`` or ``None``).
-    * ``softcap`` is ``config.final_logit_softcapping`` (Gemma-2: logits = softcap * tanh(logits / softcap))
-      or ``None``.
-
-    Raises ``TypeError`` for models this does not cover: no linear lm_head, an lm_head wrapped by adapters
-    (LoRA or ``modules_to_save`` on the lm_head would be bypassed by the fused op), or a config that rescales
-    logits in a way the fused op does not reproduce (``logit_scale``, ``output_multiplier_scale``...).
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a torch.nn.Module causal LM, got {type(model).__name__}")
-    base = unwrap_peft(model)
-    name = type(base).__name__
-    get_out = getattr(base, "get_output_embeddings", None)
-    lm_head = get_out() if callable(get_out) else getattr(base, "lm_head", None)
-    if lm_head is None:
-        raise TypeError(f"{name} has no output embedding (lm_head); a causal LM (*ForCausalLM) is required")
-    if not isinstance(lm_head, torch.nn.Linear) or hasattr(lm_head, "base_layer"):
-        raise TypeError(
-            f"{name}.lm_head is a {type(lm_head).__name__}, not a plain torch.nn.Linear (adapters or wrappers "
-            "on the lm_head are not supported: the fused log-likelihood op uses lm_head.weight directly)"
-        )
-    trunk = None
-    get_dec = getattr(base, "get_decoder", None)
-    if callable(get_dec):
-        try:
-            trunk = get_dec()
-        except (AttributeError, NotImplementedError):
-            trunk = None
-    if trunk is None or trunk is base:
-        trunk = getattr(base, "model", None)
-    if not isinstance(trunk, torch.nn.Module) or trunk is base:
-        raise TypeError(f"{name}: cannot find the decoder trunk (get_decoder() / .model)")
-    config = getattr(base, "config", None)
-    for attr in ("logit_scale", "output_multiplier_scale", "logits_scaling"):
-        v = getattr(config, attr, None)
-        if v is not None and v != 1 and v != 1.0:
-            raise TypeError(f"{name}: config.{attr}={v} rescales logits; not supported by get_trunk_and_head")
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return trunk, lm_head, (float(softcap) if softcap else None)
 
 
 def _build(config, seed: int, dtype: torch.dtype) -> torch.nn.Module:

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ._model import named_trainable, trainable_params
 from .data.batch import IGNORE_INDEX, AlignBatch, FinetuneBatch, LMBatch
 
 __all__ = [
@@ -47,7 +48,7 @@ def _check_lm_batch(batch, what: str) -> None:
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = named_trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameters")
     return params
@@ -74,7 +75,7 @@ def hf_loss(model: torch.nn.Module, batch: LMBatch) -> torch.Tensor:
 
 
 def _clip_and_step(model, optimizer, max_grad_norm, scheduler) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_params(model)
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:

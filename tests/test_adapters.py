@@ -1,4 +1,4 @@
-"""Adapter continuation (issue 12 §1, docs/design.md §2.4): ``load_adapter`` keeps training the saved alignment
+"""Adapter continuation (docs/design.md §2.4): ``load_adapter`` keeps training the saved alignment
 adapter (its non-zero B), ``merge_adapter`` + ``add_lora`` starts a fresh one (B = 0) on the merged weights."""
 
 from __future__ import annotations

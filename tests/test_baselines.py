@@ -11,6 +11,7 @@ import torch
 from antibody_fast.baselines import (
     LisaConfig,
     LisaState,
+    VaccineConfig,
     find_attention_modules,
     lisa_step,
     reference_lisa_step,
@@ -70,13 +71,11 @@ def test_vaccine_equals_reference(opt):
     o_lean, o_ref = _opt(lean, opt), _opt(ref, opt)
     for step in range(3):
         batch = _batch(step)
-        s1 = vaccine_step(lean, batch, o_lean, rho=2.0)
-        s2 = reference_vaccine_step(ref, batch, o_ref, rho=2.0)
+        s1 = vaccine_step(lean, batch, o_lean, VaccineConfig(rho=2.0))
+        s2 = reference_vaccine_step(ref, batch, o_ref, VaccineConfig(rho=2.0))
         assert_close(s1.loss, s2.loss, name=f"step {step} loss")
-        assert_close(s1.extra["clean_loss"], s2.extra["clean_loss"], name=f"step {step} clean loss")
-        assert_close(
-            s1.extra["perturbation_grad_norm"], s2.extra["perturbation_grad_norm"], name=f"step {step} ||g||"
-        )
+        assert_close(s1.clean_loss, s2.clean_loss, name=f"step {step} clean loss")
+        assert_close(s1.perturbation_grad_norm, s2.perturbation_grad_norm, name=f"step {step} ||g||")
         assert_close(s1.grad_norm, s2.grad_norm.float(), name=f"step {step} grad norm")
     _assert_params(_params(lean), _params(ref))
 
@@ -96,8 +95,8 @@ def test_vaccine_and_lisa_on_qwen2_with_lora():
     cfg = LisaConfig(align_steps=1, finetune_steps=1, rho=0.5)
     s_lean, s_ref = LisaState(), LisaState()
     for step in range(2):
-        vaccine_step(lean, _batch(10 + step), o_lean, rho=1.0)
-        reference_vaccine_step(ref, _batch(10 + step), o_ref, rho=1.0)
+        vaccine_step(lean, _batch(10 + step), o_lean, VaccineConfig(rho=1.0))
+        reference_vaccine_step(ref, _batch(10 + step), o_ref, VaccineConfig(rho=1.0))
         lisa_step(lean, _batch(20 + step), o_lean, s_lean, cfg)
         reference_lisa_step(ref, _batch(20 + step), o_ref, s_ref, cfg)
     _assert_params(_params(lean), _params(ref))
@@ -109,8 +108,8 @@ def test_vaccine_float64_oracle():
     lean = _model()
     oracle = copy.deepcopy(lean).double()
     batch = _batch(7)
-    vaccine_step(lean, batch, _opt(lean, "sgd"), rho=5.0, max_grad_norm=None)
-    reference_vaccine_step(oracle, batch, _opt(oracle, "sgd"), rho=5.0, max_grad_norm=None)
+    vaccine_step(lean, batch, _opt(lean, "sgd"), VaccineConfig(rho=5.0, max_grad_norm=None))
+    reference_vaccine_step(oracle, batch, _opt(oracle, "sgd"), VaccineConfig(rho=5.0, max_grad_norm=None))
     _assert_params(_params(lean), _params(oracle))
 
 
@@ -118,12 +117,12 @@ def test_vaccine_perturbation_is_ascent_and_changes_update():
     base = _model()
     batch = _batch(3)
     m0, m1 = copy.deepcopy(base), copy.deepcopy(base)
-    s0 = vaccine_step(m0, batch, _opt(m0, "sgd"), rho=0.0)
-    s1 = vaccine_step(m1, batch, _opt(m1, "sgd"), rho=0.5)
+    s0 = vaccine_step(m0, batch, _opt(m0, "sgd"), VaccineConfig(rho=0.0))
+    s1 = vaccine_step(m1, batch, _opt(m1, "sgd"), VaccineConfig(rho=0.5))
     # rho = 0: no perturbation, the loss is the clean loss
-    assert_close(s0.loss, s0.extra["clean_loss"])
+    assert_close(s0.loss, s0.clean_loss)
     # along the gradient the loss goes up (first order: + rho * ||g||)
-    assert float(s1.loss) > float(s1.extra["clean_loss"])
+    assert float(s1.loss) > float(s1.clean_loss)
     diff = max(float((a - b).abs().max()) for a, b in zip(_params(m0), _params(m1)))
     assert diff > 10 * tol(torch.float32)[0]
 
@@ -139,7 +138,7 @@ def test_vaccine_bad_input_leaves_model_untouched():
     with pytest.raises(ValueError, match="no answer token"):
         vaccine_step(m, empty, opt)
     with pytest.raises(ValueError, match="rho"):
-        vaccine_step(m, _batch(0), opt, rho=-1.0)
+        vaccine_step(m, _batch(0), opt, VaccineConfig(rho=-1.0))
     with pytest.raises(ValueError, match="device"):
         vaccine_step(m, _batch(0).to("meta"), opt)
     frozen = _model()
@@ -174,7 +173,7 @@ def test_lisa_equals_reference(opt):
         a = lisa_step(lean, batch, o_lean, s_lean, cfg)
         b = reference_lisa_step(ref, batch, o_ref, s_ref, cfg)
         assert_close(a.loss, b.loss, name=f"step {step} loss")
-        assert_close(a.extra["proximal"], b.extra["proximal"], name=f"step {step} proximal", atol=1e-6)
+        assert_close(a.proximal, b.proximal, name=f"step {step} proximal", atol=1e-6)
     assert s_lean.step == s_ref.step == 7
     _assert_params(_params(lean), _params(ref))
     # the lean anchor is flat (one buffer per dtype group), the reference's per parameter
@@ -191,10 +190,10 @@ def test_lisa_proximal_pulls_to_anchor():
     st = LisaState()
     lisa_step(m, _batch(1), opt, st, cfg)  # align (anchor = init)
     s = lisa_step(m, _batch(2), opt, st, cfg)  # finetune, switch: anchor re-taken
-    assert float(s.extra["proximal"]) == 0.0
+    assert float(s.proximal) == 0.0
     anchor = [a.clone() for a in st.anchor]
     s = lisa_step(m, _batch(3), opt, st, cfg)
-    assert float(s.extra["proximal"]) > 0.0
+    assert float(s.proximal) > 0.0
     _assert_params(st.anchor, anchor)
 
 
@@ -286,7 +285,7 @@ def test_lisa_warmup_matches_authors_rule(total):
     phases = [st.phase(cfg, i) for i in range(steps)]
     proximal = []
     for i in range(steps):
-        proximal.append(float(lisa_step(lean, batches[i], o, st, cfg).extra["proximal"]))
+        proximal.append(float(lisa_step(lean, batches[i], o, st, cfg).proximal))
         cfg_nw = LisaConfig(align_steps=2, finetune_steps=2, rho=2.0, max_grad_norm=None)
         lisa_step(no_warmup, batches[i], o_nw, st_nw, cfg_nw)
     _authors_lisa_port(oracle, batches, phases, 2.0, 0.1, total, 0.5)

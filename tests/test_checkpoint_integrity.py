@@ -1,4 +1,4 @@
-"""Checkpoint integrity (issue 16): checksum, options fingerprint, full validation before any change, crafted
+"""Checkpoint integrity: checksum, options fingerprint, full validation before any change, crafted
 entries, non-finite values never written, leftover temporaries cleaned (docs/reliability.md)."""
 
 from __future__ import annotations

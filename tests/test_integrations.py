@@ -1,4 +1,4 @@
-"""Integrations (issue 6 §1-2): the fused-loss hook for stock HF trainers, and the Antibody Trainer subclasses."""
+"""Integrations: the fused-loss hook for stock HF trainers, and the Antibody Trainer subclasses."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Reliability: the non-finite guard, stale flat parameters, optimizer sanity, option refusal (docs/reliability.md).
 
-Each test here reproduces one failure mode of issue 16 and shows that it is now guarded.
+Each test here reproduces one failure mode (NaN batches, stale flat buffers, wrong optimizers, options that can
+only give non-finite results) and shows that it is guarded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 from helpers import make_align_batch, make_finetune_batch, tiny_model, trainable_params
 
-from antibody_fast.baselines import LisaConfig, LisaState, vaccine_step
+from antibody_fast.baselines import LisaConfig, LisaState, VaccineConfig, vaccine_step
 from antibody_fast.baselines import lisa_step as _lisa_step
 from antibody_fast.guard import NonFiniteError
 from antibody_fast.steps import AlignConfig, AlignState, FinetuneConfig, align_step, sft_step, weighted_step
@@ -87,7 +88,7 @@ class _Runner:
         if poisoned:
             b = _poison_lm(b)
         if k == "vaccine":
-            return vaccine_step(self.model, b, self.opt, **self.cfg)
+            return vaccine_step(self.model, b, self.opt, VaccineConfig(**self.cfg))
         return _lisa_step(
             self.model, b, self.opt, self.lisa_state, LisaConfig(align_steps=2, finetune_steps=2, **self.cfg)
         )
@@ -346,7 +347,7 @@ def test_options_that_can_only_give_nonfinite_results_are_refused():
         (dict(momentum=1.0), "momentum"),
     ):
         with pytest.raises(ValueError, match=match):
-            AlignConfig(**cfg).check()
+            AlignConfig(**cfg).validate()
     with pytest.raises(ValueError, match="rho"):
         LisaConfig(rho=float("inf")).validate()
 

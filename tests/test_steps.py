@@ -20,7 +20,6 @@ from helpers import (
     trainable_params,
 )
 
-from antibody_fast import steps
 from antibody_fast.reference import reference_align_step, reference_finetune_step, reference_sft_step
 from antibody_fast.steps import (
     AlignConfig,
@@ -28,6 +27,7 @@ from antibody_fast.steps import (
     FinetuneConfig,
     StepStats,
     align_step,
+    finetune,
     sft_step,
     weighted_step,
 )
@@ -107,14 +107,14 @@ def test_weighted_step_qwen2_no_clip_tau():
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_prefix_cache_scoring_equals_full(arch, monkeypatch):
     calls = []
-    real = steps._crop_to_prompt
+    real = finetune._crop_to_prompt
 
     def spy(cache, total, p, tr):
         ok = real(cache, total, p, tr)
         calls.append(ok)
         return ok
 
-    monkeypatch.setattr(steps, "_crop_to_prompt", spy)
+    monkeypatch.setattr(finetune, "_crop_to_prompt", spy)
     m_cache, m_full = _pair(arch)
     o_cache, o_full = _opt(m_cache), _opt(m_full)
     for step in range(2):
@@ -134,8 +134,8 @@ def test_prefix_cache_declines_when_sliding_window_is_reached(monkeypatch):
     """Gemma-2 with a sliding window shorter than the batch: the cache has dropped prompt keys, so the
     refusal is scored with a full forward, and the result still equals the reference."""
     calls = []
-    real = steps._crop_to_prompt
-    monkeypatch.setattr(steps, "_crop_to_prompt", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = finetune._crop_to_prompt
+    monkeypatch.setattr(finetune, "_crop_to_prompt", lambda *a: calls.append(real(*a)) or calls[-1])
     m_ours, m_ref = _pair("gemma2", sliding_window=6)
     o_ours, o_ref = _opt(m_ours), _opt(m_ref)
     batch = make_finetune_batch(4, seed=7, prompt_len=(4, 7), answer_len=(3, 6))

@@ -1,4 +1,4 @@
-"""TRL (issue 18, "nothing silent"): with TRL installed, ``use_fused_loss`` under ``SFTTrainer`` either runs our
+"""TRL ("nothing silent"): with TRL installed, ``use_fused_loss`` under ``SFTTrainer`` either runs our
 kernel or fails loudly. TRL 1.x installs its own fused LM head when the trainer is built, which used to bypass
 our hook without a word (the loss came from TRL's head and our op was never called)."""
 

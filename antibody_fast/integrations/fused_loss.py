@@ -51,6 +51,8 @@ from typing import Any
 
 import torch
 
+from .._model import get_trunk_and_head, head_args, last_hidden, unwrap_ddp, unwrap_peft
+
 __all__ = [
     "use_fused_loss",
     "remove_fused_loss",
@@ -98,16 +100,6 @@ class FusedLossHandle:
         self.remove()
 
 
-def _head_args(lm_head: torch.nn.Linear, hidden: torch.Tensor):
-    w = lm_head.weight
-    b = lm_head.bias
-    if w.dtype != hidden.dtype:
-        # autocast: HF's lm_head would run in the autocast dtype; hidden already is in it
-        w = w.to(hidden.dtype)
-        b = None if b is None else b.to(hidden.dtype)
-    return w, b
-
-
 def fused_causal_lm_loss(
     hidden: torch.Tensor,
     lm_head: torch.nn.Linear,
@@ -142,7 +134,7 @@ def fused_causal_lm_loss(
         raise ValueError(
             f"fused_causal_lm_loss: labels {tuple(tgt.shape)} must match hidden's [B, T] = {tuple(hidden.shape[:2])}"
         )
-    w, b = _head_args(lm_head, hidden)
+    w, b = head_args(lm_head, hidden.dtype)  # autocast: HF's lm_head runs in the dtype hidden already has
     out = linear_sequence_logprob(
         hidden,
         w,
@@ -212,7 +204,6 @@ def use_fused_loss(model, *, impl: str = "auto") -> FusedLossHandle:
             later, on the first call that asks for another fused head.
     """
     from ..dispatch import IMPLS
-    from ..models import get_trunk_and_head, unwrap_peft
 
     if impl not in IMPLS:
         raise ValueError(f"use_fused_loss: impl must be one of {IMPLS}, got {impl!r}")
@@ -220,9 +211,7 @@ def use_fused_loss(model, *, impl: str = "auto") -> FusedLossHandle:
         handle = use_fused_loss(model.model, impl=impl)
         model.add_callback(_guard_callback(handle))
         return handle
-    inner = model
-    while isinstance(inner, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        inner = inner.module
+    inner = unwrap_ddp(model)
     target = unwrap_peft(inner)
     existing = getattr(target, _ATTR, None)
     if existing is not None:
@@ -278,12 +267,7 @@ def use_fused_loss(model, *, impl: str = "auto") -> FusedLossHandle:
 
 def remove_fused_loss(model: torch.nn.Module) -> bool:
     """Undo :func:`use_fused_loss` on ``model``; returns False when it was not patched."""
-    from ..models import unwrap_peft
-
-    inner = model
-    while isinstance(inner, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        inner = inner.module
-    target = unwrap_peft(inner)
+    target = unwrap_peft(unwrap_ddp(model))
     handle = getattr(target, _ATTR, None)
     if handle is None:
         return False
@@ -308,7 +292,7 @@ def _fused_forward(trunk, lm_head, softcap, impl: str, kwargs: dict[str, Any]):
     kwargs.pop("return_dict", None)
     kwargs.pop("ignore_index", None)
     out = trunk(**kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = last_hidden(out)
     loss, _ = fused_causal_lm_loss(
         hidden,
         lm_head,

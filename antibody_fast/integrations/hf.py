@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from .._model import trainable_params
 from ..data import AlignBatch, AlignCollator, FinetuneCollator
 from ..steps import AlignConfig, AlignState, FinetuneConfig, align_step, weighted_step
 
@@ -54,6 +55,16 @@ __all__ = ["AntibodyFinetuneTrainer", "AntibodyAlignmentTrainer", "BoosterTraine
 ANTIBODY_COLUMNS = ("prompt", "response", "index", "is_harmful")
 _KEY = "antibody_batch"
 _ALIGN_STATE_FILE = "antibody_align_state.pt"
+# StepStats fields of align_step logged (means since the previous log line) by AntibodyAlignmentTrainer
+_ALIGN_LOG_KEYS = (
+    "lambda_t",
+    "lambda_raw",
+    "cos",
+    "loss_align",
+    "loss_harmful",
+    "loss_perturbed",
+    "loss_refusal",
+)
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -197,7 +208,7 @@ class _AntibodyTrainerMixin:
         )
 
     def _device(self) -> torch.device:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = trainable_params(self.model)
         return params[0].device if params else self.args.device
 
     def _collect(self, inputs) -> Any | None:
@@ -213,9 +224,9 @@ class _AntibodyTrainerMixin:
         pending, self._ab_pending = self._ab_pending, []
         return pending
 
-    def _record(self, stats, keys: Sequence[str]) -> None:
-        for k in keys:
-            v = getattr(stats, k, None)
+    def _record(self, grad_norm: torch.Tensor, values: dict[str, torch.Tensor | None]) -> None:
+        """Accumulate a step's 0-dim log values (device tensors; ``None`` ones skipped) until the next log."""
+        for k, v in values.items():
             if v is None:
                 continue
             v = v.detach().float()
@@ -224,7 +235,7 @@ class _AntibodyTrainerMixin:
             ok = ~torch.isnan(v)  # a batch without harmful (or benign) samples gives NaN: not counted
             self._ab_sums[k] = self._ab_sums.get(k, 0) + torch.where(ok, v, torch.zeros_like(v))
             self._ab_counts[k] = self._ab_counts.get(k, 0) + ok.float()
-        self._ab_grad_norm = stats.grad_norm.detach()
+        self._ab_grad_norm = grad_norm.detach()
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._ab_sums and "loss" in logs:  # training log line: add the step statistics (one host sync)
@@ -283,7 +294,7 @@ class AntibodyFinetuneTrainer(_AntibodyTrainerMixin, Trainer):
         self.finetune_config = FinetuneConfig() if finetune_config is None else finetune_config
         if not isinstance(self.finetune_config, FinetuneConfig):
             raise TypeError(f"finetune_config must be a FinetuneConfig, got {type(finetune_config).__name__}")
-        self.finetune_config.check()
+        self.finetune_config.validate()
         collator = FinetuneCollator(
             processing_class, refusals=refusals, max_length=max_length, pad_token_id=None
         )
@@ -312,10 +323,16 @@ class AntibodyFinetuneTrainer(_AntibodyTrainerMixin, Trainer):
         )
         self._ab_skip_optimizer_step = True
         w = stats.weights.detach()
-        stats.weight_min, stats.weight_max = w.min(), w.max()
-        stats.d_mean = stats.d.detach().mean()
-        stats.weight_harmful, stats.weight_benign = stats.harmful_weight, stats.benign_weight
-        self._record(stats, ("weight_harmful", "weight_benign", "weight_min", "weight_max", "d_mean"))
+        self._record(
+            stats.grad_norm,
+            {
+                "weight_harmful": stats.harmful_weight,
+                "weight_benign": stats.benign_weight,
+                "weight_min": w.min(),
+                "weight_max": w.max(),
+                "d_mean": stats.d.detach().mean(),
+            },
+        )
         return stats.loss.detach().to(self.args.device)
 
 
@@ -360,7 +377,7 @@ class AntibodyAlignmentTrainer(_AntibodyTrainerMixin, Trainer):
         self.align_config = AlignConfig(**self.default_align_config) if align_config is None else align_config
         if not isinstance(self.align_config, AlignConfig):
             raise TypeError(f"align_config must be an AlignConfig, got {type(align_config).__name__}")
-        self.align_config.check()
+        self.align_config.validate()
         self.align_state = AlignState()
         collator = AlignCollator(
             processing_class, refusals=refusals, max_length=max_length, pad_token_id=None
@@ -392,10 +409,7 @@ class AntibodyAlignmentTrainer(_AntibodyTrainerMixin, Trainer):
         config = replace(self.align_config, max_grad_norm=self._max_grad_norm(), amp_dtype=self._amp_dtype())
         stats = align_step(model, batch, self._inner_optimizer(), self.align_state, config)
         self._ab_skip_optimizer_step = True
-        self._record(
-            stats,
-            ("lambda_t", "lambda_raw", "cos", "loss_align", "loss_harmful", "loss_perturbed", "loss_refusal"),
-        )
+        self._record(stats.grad_norm, {k: getattr(stats, k) for k in _ALIGN_LOG_KEYS})
         return stats.loss.detach().to(self.args.device)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
