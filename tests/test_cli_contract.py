@@ -178,20 +178,20 @@ def test_full_disk_exit2_keeps_last_checkpoint(env, finished_align, capsys, monk
 def test_nonfinite_run_exit2_keeps_last_good_checkpoint(env, tmp_path, capsys, monkeypatch):
     """Every step non-finite: the guard skips them, the run stops with exit 2 after max_consecutive_skips,
     and no checkpoint or adapter with NaN is written (the last good one stays)."""
-    from antibody_fast import steps
+    from antibody_fast.steps import align as align_module
 
     out = tmp_path / "nan"
     assert commands.main("align", _align(env, out, "--save-every", "1")) == 0
     capsys.readouterr()
     ck_before = (out / "checkpoint.pt").read_bytes()
     adapter_before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    real = steps._token_mean_loss
+    real = align_module.token_mean_loss
 
     def nan_loss(*a, **k):
         loss, o = real(*a, **k)
         return loss * float("nan"), o
 
-    monkeypatch.setattr(steps, "_token_mean_loss", nan_loss)
+    monkeypatch.setattr(align_module, "token_mean_loss", nan_loss)
     # the default AlignConfig.max_consecutive_skips is 10: the 11th NaN step raises
     _expect_exit2(
         capsys,

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 
-from ..baselines import vaccine_step
+from ..baselines import VaccineConfig, vaccine_step
 from ..data import AlignCollator
 from ..data.loaders import load_alignment, load_harmful
 from ..steps import AlignConfig, AlignState, FinetuneConfig, align_step, sft_step
 from .console import CLIError, say
 from .inputs import collator_args, kept, order, precheck, refusal_pool, templated
 from .loading import load_model
-from .loop import LoggedStats, TrainLoop, make_optimizer
+from .loop import TrainLoop, make_optimizer
 from .options import AlignOptions
 from .runtime import WORLD, amp_dtype, sync_trainable, training_device
 
@@ -69,7 +69,7 @@ class AlignRun(TrainLoop):
                 amp_dtype=amp,
                 impl=opts.impl,
             )
-            self.config.check()
+            self.config.validate()
         self.sft_config = FinetuneConfig(
             max_grad_norm=opts.max_grad_norm or None, amp_dtype=amp, impl=opts.impl
         )
@@ -127,16 +127,10 @@ class AlignRun(TrainLoop):
 
     def do_step(self, batch):
         if self.method == "vaccine":
-            stats = vaccine_step(
-                self.model,
-                batch,
-                self.optimizer,
-                rho=self.opts.vaccine_rho,
-                max_grad_norm=self.opts.max_grad_norm or None,
-                scheduler=self.scheduler,
-                impl=self.opts.impl,
+            vaccine_config = VaccineConfig(
+                rho=self.opts.vaccine_rho, max_grad_norm=self.opts.max_grad_norm or None, impl=self.opts.impl
             )
-            return LoggedStats(stats)
+            return vaccine_step(self.model, batch, self.optimizer, vaccine_config, self.scheduler)
         if self.method == "sft":
             return sft_step(self.model, batch, self.optimizer, self.sft_config, self.scheduler)
         return align_step(self.model, batch, self.optimizer, self.state, self.config, self.scheduler)

@@ -72,7 +72,7 @@ class FinetuneRun(TrainLoop):
             amp_dtype=amp,
             impl=opts.impl,
         )
-        self.config.check()
+        self.config.validate()
         self.model, tokenizer = load_model(opts, device, train=True, adapter_mode=self.adapter_mode)
         self.collator = FinetuneCollator(**collator_args(opts, tokenizer, refusals))
         self.align_collator = AlignCollator(**collator_args(opts, tokenizer, refusals)) if lisa else None
@@ -91,6 +91,7 @@ class FinetuneRun(TrainLoop):
                 max_grad_norm=opts.max_grad_norm or None,
                 warmup_fraction=opts.lisa_warmup_fraction,
                 total_steps=total,
+                impl=opts.impl,
             )
             self.lisa_config.validate()
             self.lisa_state = LisaState()
@@ -164,8 +165,7 @@ class FinetuneRun(TrainLoop):
                 self.optimizer,
                 self.lisa_state,
                 self.lisa_config,
-                scheduler=self.scheduler,
-                impl=self.opts.impl,
+                self.scheduler,
             )
             return LoggedStats(stats, lisa_phase=phase)
         if not self.antibody:

@@ -46,20 +46,13 @@ def make_optimizer(model, opts: TrainOptions, total_steps: int):
 
 
 class LoggedStats:
-    """A step's statistics as a dict of device tensors (the baselines' :class:`BaselineStats`: ``loss``,
-    ``grad_norm`` and its ``extra``), with :meth:`as_dict` like :class:`~antibody_fast.steps.StepStats`."""
+    """A :class:`~antibody_fast.steps.StepStats` plus host values (Lisa's phase), with its :meth:`as_dict`."""
 
     def __init__(self, stats, **more):
-        self.tensors = {"loss": stats.loss, "grad_norm": stats.grad_norm, **stats.extra, **more}
+        self.stats, self.more = stats, more
 
     def as_dict(self) -> dict:
-        out = {}
-        for k, v in self.tensors.items():
-            if hasattr(v, "detach"):
-                v = v.detach().cpu()
-                v = v.item() if v.dim() == 0 else v.tolist()
-            out[k] = v
-        return out
+        return {**self.stats.as_dict(), **self.more}
 
 
 class TrainLoop:

@@ -116,7 +116,7 @@ def sync_trainable(model) -> None:
         import torch
         import torch.distributed as dist
 
-        from ..steps import flat_parameters
+        from .._model import flat_parameters
 
         with torch.no_grad():
             for buf in flat_parameters(model).param_buffers:
