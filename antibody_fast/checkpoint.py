@@ -36,11 +36,11 @@ import glob
 import hashlib
 import os
 import random
-import tempfile
 from typing import Any
 
 import torch
 
+from ._io import atomic_open, temporary_prefix
 from ._model import named_trainable, unwrap_ddp
 
 __all__ = [
@@ -167,7 +167,7 @@ def cleanup_temporaries(path: str | os.PathLike) -> list[str]:
     its directory (only files; hold the directory's lock so that no save is running). Returns the paths."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    pattern = os.path.join(glob.escape(directory), glob.escape(".tmp-" + os.path.basename(path) + ".") + "*")
+    pattern = os.path.join(glob.escape(directory), glob.escape(temporary_prefix(path)) + "*")
     removed = []
     for f in glob.glob(pattern):
         if os.path.isfile(f) and not os.path.islink(f):
@@ -232,29 +232,8 @@ def save_checkpoint(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"save_checkpoint: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable; not every platform can open a directory
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(dfd)
+    with atomic_open(path, "wb", durable=True) as f:
+        torch.save(payload, f)
 
 
 def _read(path: str) -> dict[str, Any]:
