@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     for lr in [float(x) for x in args.lrs.split(",")]:
         runner.cfg = cfg = RealConfig(**{**cfg.__dict__, "finetune_lr": lr})
         model = runner.lora_model(adapter)
-        opt = runner._opt(model, lr)
+        opt = runner.optimizer(model, lr)
         from antibody_fast.demo.real import Batches
 
         iu = Batches(len(d.user), cfg.batch_size, args.seed + 4)

@@ -62,6 +62,7 @@ from .report import (
     format_summary_table,
     machine_info,
     markdown_table,
+    run_report,
     seed_summary,
     write_report,
 )
@@ -118,6 +119,20 @@ def _scenario(cfg: RealConfig) -> str:
         f"fine-tuning lr {cfg.finetune_lr or 'calibrated'} (calibrated on SFT alone)"
         + (" (quick mode)" if cfg.quick else "")
     )
+
+
+def _report_head(cfg: RealConfig, seed: int, table: str, base_eval: dict) -> list[str]:
+    """The first lines of a single-seed ``report.md``: title, scenario, the table, the base model's numbers."""
+    return [
+        "# antibody_fast demo: SmolLM2-135M-Instruct (real model)",
+        "",
+        f"Seed {seed}, {_scenario(cfg)}.",
+        "",
+        table,
+        "",
+        f"Base model (before alignment): HS {base_eval['hs']:.1f}%, FA {base_eval['fa']:.1f}%, benign refusals "
+        f"{base_eval['benign_refusal']:.1f}%, P(refusal) {base_eval['p_refuse']:.3f}.",
+    ]
 
 
 def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) -> dict:
@@ -183,24 +198,11 @@ def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) 
             f"{row['hs_aligned']:.1f}%, P(refusal) {row['p_refuse_aligned']:.3f})  align {s_align:.2f} s/step  "
             f"FT {s_ft:.2f} s/step"
         )
-    report = {
-        "config": {**config_dict(cfg), "seed": seed, "seeds": []},
-        "machine": machine_info(cfg),
-        "base": base_eval,
-        "methods": rows,
-        "results": {r["method"]: {"hs": r["hs"], "fa": r["fa"], "hs_aligned": r["hs_aligned"]} for r in rows},
-        "wall_s": time.perf_counter() - t_start,
-    }
+    config = {**config_dict(cfg), "seed": seed, "seeds": []}
+    report = run_report(config, machine_info(cfg), base_eval, rows, time.perf_counter() - t_start)
     table = format_table(rows)
     md = [
-        "# antibody_fast demo: SmolLM2-135M-Instruct (real model)",
-        "",
-        f"Seed {seed}, {_scenario(cfg)}.",
-        "",
-        table,
-        "",
-        f"Base model (before alignment): HS {base_eval['hs']:.1f}%, FA {base_eval['fa']:.1f}%, benign refusals "
-        f"{base_eval['benign_refusal']:.1f}%, P(refusal) {base_eval['p_refuse']:.3f}.",
+        *_report_head(cfg, seed, table, base_eval),
         "",
         "HS: % of held-out harmful prompts answered without a refusal keyword (greedy, "
         f"{cfg.hs_new_tokens} new tokens); FA: % of held-out {cfg.task} prompts whose first label word is right; "
@@ -303,16 +305,8 @@ def merge_reports(paths: Sequence[str], out: str, log: Callable[[str], None] = p
         ],  # fmt: skip
     }
     table = format_table(report["methods"])
-    base_eval = report["base"]
     md = [
-        "# antibody_fast demo: SmolLM2-135M-Instruct (real model)",
-        "",
-        f"Seed {cfg.seed}, {_scenario(cfg)}.",
-        "",
-        table,
-        "",
-        f"Base model (before alignment): HS {base_eval['hs']:.1f}%, FA {base_eval['fa']:.1f}%, benign refusals "
-        f"{base_eval['benign_refusal']:.1f}%, P(refusal) {base_eval['p_refuse']:.3f}.",
+        *_report_head(cfg, cfg.seed, table, report["base"]),
         "",
         f"Ran as {len(reps)} processes in parallel ({'; '.join(','.join(p['methods']) for p in report['parts'])}); "
         "wall time below = the longest part. Times per step are contended (other jobs shared the 2 cores).",

@@ -162,7 +162,8 @@ class RealRunner:
         peft.train()
         return peft
 
-    def _opt(self, model, lr: float):
+    def optimizer(self, model, lr: float):
+        """AdamW over the trainable (LoRA) parameters of ``model``, with the run's weight decay."""
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
 
@@ -178,7 +179,7 @@ class RealRunner:
         cfg, d = self.cfg, self.data
         spec = ALIGNMENTS[method]
         model = self.lora_model()
-        opt = self._opt(model, cfg.align_lr)
+        opt = self.optimizer(model, cfg.align_lr)
         ia = Batches(len(d.align), cfg.batch_size, self.seed + 2)
         ih = Batches(len(d.harmful), cfg.batch_size, self.seed + 3)
         state = AlignState()
@@ -223,7 +224,7 @@ class RealRunner:
         row = METHODS[method]
         ft = row.ft
         model = self.lora_model(adapter, merge_then_fresh=(row.adapter_mode == "merge"))
-        opt = self._opt(model, cfg.finetune_lr)
+        opt = self.optimizer(model, cfg.finetune_lr)
         iu = Batches(len(d.user), cfg.batch_size, self.seed + 4)
         ia = Batches(len(d.align), cfg.batch_size, self.seed + 5)
         lcfg = self.lisa_config() if ft.alternates else None

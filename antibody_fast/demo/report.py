@@ -123,6 +123,19 @@ def machine_line(machine: dict, cfg, wall_s: float) -> str:
     )
 
 
+def run_report(config: dict, machine: dict, base: dict, rows: list[dict], wall_s: float) -> dict:
+    """The report of one run: its configuration, machine, base-model evaluation, one row per method, the
+    ``results`` digest (HS, FA and HS after alignment per method) and the wall time."""
+    return {
+        "config": config,
+        "machine": machine,
+        "base": base,
+        "methods": rows,
+        "results": {r["method"]: {"hs": r["hs"], "fa": r["fa"], "hs_aligned": r["hs_aligned"]} for r in rows},
+        "wall_s": wall_s,
+    }
+
+
 def seed_summary(cfg, seeds, reports: list[dict], wall_s: float) -> dict:
     """The summary of several single-seed ``reports`` of ``cfg``: per method the per-seed HS, FA, HS and
     P(refusal) after alignment, and the mean times per step."""

@@ -59,7 +59,15 @@ import torch
 from .config import DemoConfig
 from .methods import ABLATIONS, ADAPTER_MODE_OF, ALL_METHODS, DEFAULT_METHODS, METHODS
 from .plots import plot, plot_summary
-from .report import config_dict, format_summary_table, format_table, machine_info, seed_summary, write_report
+from .report import (
+    config_dict,
+    format_summary_table,
+    format_table,
+    machine_info,
+    run_report,
+    seed_summary,
+    write_report,
+)
 from .train import Runner, build_model, evaluate, greedy, harmful_and_user_scores, make_data
 
 
@@ -160,14 +168,7 @@ def _run_one(cfg: DemoConfig, log: Callable[[str], None]) -> dict:
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det)
-    report = {
-        "config": config_dict(cfg),
-        "machine": machine_info(cfg),
-        "base": base_eval,
-        "methods": rows,
-        "results": {r["method"]: {"hs": r["hs"], "fa": r["fa"], "hs_aligned": r["hs_aligned"]} for r in rows},
-        "wall_s": time.perf_counter() - t_start,
-    }
+    report = run_report(config_dict(cfg), machine_info(cfg), base_eval, rows, time.perf_counter() - t_start)
     table = format_table(rows)
     md = [
         "# antibody_fast demo",
