@@ -16,7 +16,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..info import environment
 from .measure import DEVICE_ENV, QUICK_ENV
 from .report import compare_results, plot_results, render_markdown
 from .results import HEADER_KEY, load_results, merge_results
@@ -51,6 +50,8 @@ def slugify(text: str) -> str:
 def device_info(device: str) -> dict:
     """Header describing the machine: ``{"device", "device_name", "slug", "cpu": {...}, "gpu": {...}|None}``,
     from :func:`antibody_fast.info.environment`. Only ``device="cuda"`` queries CUDA."""
+    from ..info import environment  # imports torch: not at module level (``antibody-fast bench --help``)
+
     env = environment((), cuda=device == "cuda")
     cpu = dict(env["cpu"])
     gpu = None
@@ -81,6 +82,8 @@ def device_info(device: str) -> dict:
 def versions() -> dict:
     """Versions of python, antibody_fast and the libraries the figures depend on (``None``: not installed),
     from :func:`antibody_fast.info.environment`."""
+    from ..info import environment
+
     env = environment(VERSIONED)
     return {"python": env["python"], "antibody_fast": env["antibody_fast"], **env["versions"]}
 
