@@ -1,40 +1,113 @@
 """``python -m antibody_fast.info``: versions, devices, the C++ extension, and per op and device the
-implementation ``auto`` picks and why each other implementation is unavailable (xformers.info style)."""
+implementation ``auto`` picks and why each other implementation is unavailable (xformers.info style).
+
+This module is also the one place that probes the machine (:func:`environment`): the CPU model, the core and
+thread counts, the versions of Python and of the libraries, and the CUDA devices. ``antibody-fast bench`` puts
+it in its result header and the demos in their reports (docs/design.md §6).
+"""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
 import platform
-import sys
+from collections.abc import Sequence
 
 import torch
 
+REPORTED_PACKAGES = (
+    "torch",
+    "triton",
+    "transformers",
+    "peft",
+    "datasets",
+    "liger-kernel",
+    "cut-cross-entropy",
+)
+"""The libraries whose versions :func:`report` prints."""
 
-def _version(pkg: str) -> str:
+
+def package_version(pkg: str) -> str | None:
+    """The installed version of distribution ``pkg`` (``torch``: ``torch.__version__``), ``None`` when it is
+    not installed."""
+    if pkg == "torch":
+        return torch.__version__
     try:
         return md.version(pkg)
     except md.PackageNotFoundError:
-        return "not installed"
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows of it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def environment(packages: Sequence[str] = REPORTED_PACKAGES, *, cuda: bool = False) -> dict:
+    """The machine and software a run happens on::
+
+        {"python", "platform", "antibody_fast", "versions": {pkg: version or None},
+         "cpu": {"model", "logical_cores", "torch_threads"},
+         "gpus": [{"name", "memory_bytes", "capability", "multiprocessors"}, ...] or None, "cuda"}
+
+    ``packages``: the distributions whose versions are read (:func:`package_version`). ``cuda``: also list
+    the CUDA devices (``gpus`` is ``[]`` when CUDA is not available); without it CUDA is never queried and
+    ``gpus`` is ``None``. ``cuda`` is the CUDA version torch was built with (``None``: a CPU build)."""
+    from . import __version__
+
+    gpus = None
+    if cuda:
+        gpus = []
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                gpus.append(
+                    {
+                        "name": p.name,
+                        "memory_bytes": p.total_memory,
+                        "capability": f"sm_{p.major}{p.minor}",
+                        "multiprocessors": p.multi_processor_count,
+                    }
+                )
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "antibody_fast": __version__,
+        "versions": {pkg: package_version(pkg) for pkg in packages},
+        "cpu": {
+            "model": cpu_model(),
+            "logical_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "gpus": gpus,
+        "cuda": torch.version.cuda,
+    }
 
 
 def report() -> str:
-    from . import __version__
+    from . import ops  # noqa: F401  (every op registers its implementations when imported)
     from ._ext import extension_status
     from .dispatch import explain, registered_ops
 
-    lines = [f"antibody_fast {__version__}"]
-    lines.append(f"python {sys.version.split()[0]} on {platform.platform()}")
-    for pkg in ("torch", "triton", "transformers", "peft", "datasets", "liger-kernel", "cut-cross-entropy"):
-        v = torch.__version__ if pkg == "torch" else _version(pkg)
-        lines.append(f"  {pkg:<18} {v}")
+    env = environment(cuda=True)
+    lines = [f"antibody_fast {env['antibody_fast']}"]
+    lines.append(f"python {env['python']} on {env['platform']}")
+    for pkg, v in env["versions"].items():
+        lines.append(f"  {pkg:<18} {v or 'not installed'}")
     devices = ["cpu"]
     lines.append("devices:")
-    lines.append(f"  cpu: {os.cpu_count()} logical cores, torch threads={torch.get_num_threads()}")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            lines.append(f"  cuda:{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}")
+    cpu = env["cpu"]
+    lines.append(f"  cpu: {cpu['logical_cores']} logical cores, torch threads={cpu['torch_threads']}")
+    if env["gpus"]:
+        for i, g in enumerate(env["gpus"]):
+            lines.append(f"  cuda:{i}: {g['name']}, {g['memory_bytes'] / 2**30:.1f} GiB, {g['capability']}")
         devices.append("cuda")
     else:
         lines.append("  cuda: not available")

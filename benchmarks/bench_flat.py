@@ -1,4 +1,4 @@
-"""Flat-buffer ops (issue 4) on the 448 LoRA tensors of Llama-2-7B, r=16 on every linear (~40M parameters).
+"""Flat-buffer ops on the 448 LoRA tensors of Llama-2-7B, r=16 on every linear (~40M parameters).
 
 Per layer: q,k,v,o: A[16,4096], B[4096,16]; gate, up: A[16,4096], B[11008,16]; down: A[16,11008], B[4096,16];
 x32 layers = 448 tensors (quick mode, ``ANTIBODY_FAST_BENCH_QUICK=1``: 8 layers, 112 tensors, ~10M).

@@ -1,4 +1,4 @@
-"""Fused per-sequence log-likelihood (issue 3): ``linear_sequence_logprob`` against the usual routes.
+"""Fused per-sequence log-likelihood: ``linear_sequence_logprob`` against the usual routes.
 
 Workload: packed rows ``hidden [N, H]`` of B sequences (T rows each), the first quarter of every sequence
 ignored (a prompt), lm_head ``weight [V, H]`` frozen (the LoRA case), ``hidden`` requiring grad.

@@ -1,4 +1,4 @@
-"""Training-step benchmarks (issue 5): the lean steps against HF's plain SFT and the authors-style steps.
+"""Training-step benchmarks: the lean steps against HF's plain SFT and the authors-style steps.
 
 Providers, timed in one run on the same model configuration and the same batches:
 
@@ -22,7 +22,7 @@ Configurations (LoRA r=16 on q, k, v; AdamW; ragged prompts and answers, prompt-
 
 ``extra_info``: ``op="step"``, ``provider``, ``mode``, ``device``, ``dtype``, ``shape``, ``tokens_per_step``
 (real prompt + answer tokens of the batch(es) one step consumes) and ``peak_mem_bytes`` (one step, measured
-outside the timed region). The last case prints the ratios of the issue's targets:
+outside the timed region). The last case prints the training-step target ratios:
 weighted/sft, authors-FT/weighted, weighted/HF-SFT, authors-align/align and align/(4 x sft).
 """
 
@@ -218,7 +218,7 @@ def test_step(benchmark, mode, provider, data, bench_device, bench_dtype, quick,
 
 
 def test_report_ratios(bench_device):
-    """Prints the issue's target ratios from the medians measured above (no assertion: a report)."""
+    """Prints the training-step target ratios from the medians measured above (no assertion: a report)."""
     m = _MEDIANS
     need = [("finetune", "ours"), ("finetune", "fused-sft"), ("finetune", "hf-sft"), ("finetune", "authors")]
     if not all(k in m for k in need):

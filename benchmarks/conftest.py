@@ -1,4 +1,4 @@
-"""Shared fixtures of the benchmark suites (run them with ``antibody-fast bench``; see antibody_fast/bench.py).
+"""Shared fixtures of the benchmark suites (run them with ``antibody-fast bench``; see antibody_fast/bench/).
 
 Environment (set by the runner):
 
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from antibody_fast.bench import (
+from antibody_fast.bench.measure import (
     bench_device as _env_device,
 )
-from antibody_fast.bench import (
+from antibody_fast.bench.measure import (
     measure_copy_gbps,
     measure_matmul_tflops,
     measure_peak_memory,

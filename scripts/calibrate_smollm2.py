@@ -1,4 +1,4 @@
-"""SFT-only calibration of the real-model demo's fine-tuning learning rate (issue 13, item 3).
+"""SFT-only calibration of the real-model demo's fine-tuning learning rate.
 
 Only the SFT baseline calibrates (docs/design.md): no other method is run here.
 
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
         return apply_rule(report, args, log, write_combined)
 
     from antibody_fast.demo import natural as nat
-    from antibody_fast.demo import run as toy
     from antibody_fast.demo.real import RealConfig, RealRunner, evaluate
+    from antibody_fast.demo.report import machine_info
     from antibody_fast.models import smollm2
     from antibody_fast.steps import sft_step
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             f"fixed at {args.steps} by the CPU budget (the FA curve shows whether it plateaus by then)."
         ),
         "machine": {
-            **toy.machine_info(cfg),
+            **machine_info(cfg),
             "contention": args.note
             or "shared 2-core CPU: 3-4 other sessions ran jobs at the same time (at nice 15), so times are upper "
             "bounds",
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     for lr in [float(x) for x in args.lrs.split(",")]:
         runner.cfg = cfg = RealConfig(**{**cfg.__dict__, "finetune_lr": lr})
         model = runner.lora_model(adapter)
-        opt = runner._opt(model, lr)
+        opt = runner.optimizer(model, lr)
         from antibody_fast.demo.real import Batches
 
         iu = Batches(len(d.user), cfg.batch_size, args.seed + 4)

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 import torch
+
+from antibody_fast.info import environment
 
 
 def _now() -> float:
@@ -265,12 +265,13 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     probes = [x.strip() for x in args.probes.split(",") if x.strip()]
     log = lambda s: print(s, flush=True)  # noqa: E731
+    env = environment(("torch",))
     report: dict = {
         "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
+            "platform": env["platform"],
+            "cpus": env["cpu"]["logical_cores"],
             "threads": args.threads,
-            "torch": torch.__version__,
+            "torch": env["versions"]["torch"],
             "note": "shared CPU: other jobs ran at the same time, so times are upper bounds",
         },
         "args": vars(args),

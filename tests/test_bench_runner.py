@@ -1,4 +1,4 @@
-"""The benchmark runner (antibody_fast/bench.py) and the helpers benchmarks/conftest.py exposes."""
+"""The benchmark runner (antibody_fast/bench/) and the helpers benchmarks/conftest.py exposes."""
 
 import json
 import math
@@ -48,7 +48,9 @@ def test_percentile_matches_numpy():
     for n in (1, 2, 5, 17):
         vals = sorted(rng.random(n).tolist())
         for q in (0, 20, 50, 80, 100):
-            assert math.isclose(bench._percentile(vals, q), float(np.percentile(vals, q)), rel_tol=1e-12)
+            assert math.isclose(
+                bench.results._percentile(vals, q), float(np.percentile(vals, q)), rel_tol=1e-12
+            )
 
 
 def test_summarise_uses_raw_round_times():
@@ -446,8 +448,8 @@ def test_cuda_timing_path_records_device_times_as_rounds(benchmark, monkeypatch)
     triton_testing = pytest.importorskip("triton.testing")
     calls = []
     monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, return_mode: [2.0, 4.0])
-    monkeypatch.setattr(bench, "_cuda_event_times_ms", lambda fn, n: [6.0] * n)
-    monkeypatch.setattr(bench, "_sync", lambda device: calls.append(device))
+    monkeypatch.setattr(bench.measure, "_cuda_event_times_ms", lambda fn, n: [6.0] * n)
+    monkeypatch.setattr(bench.measure, "_sync", lambda device: calls.append(device))
     out = bench.time_benchmark(benchmark, lambda: 7, device="cuda", rounds=5, quick=False)
     assert out == 7 and calls == ["cuda"]
     assert benchmark.stats.stats.data == [0.002, 0.004, 0.006, 0.006, 0.006]
@@ -458,7 +460,7 @@ def test_cuda_timing_path_records_device_times_as_rounds(benchmark, monkeypatch)
 
 def test_reports_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    md, png = bench._write_reports(_doc([_case("a", "ours", [1.0])]), tmp_path / "r.json")
+    md, png = bench.runner._write_reports(_doc([_case("a", "ours", [1.0])]), tmp_path / "r.json")
     assert md.is_file() and png is None and not (tmp_path / "r.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().err
 

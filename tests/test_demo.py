@@ -295,8 +295,8 @@ def test_default_run_is_sensible(default_report):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 7's acceptance criterion, NOT met by the measured default run: with 20% harmful samples every "
-    "method ends at HS 100% on this toy (seed 0, with the authors' adapter continuation, 2026-12-02; also seeds 0-4 "
+    reason="the defense's acceptance criterion (Antibody's HS far below SFT's, at an FA close to SFT's), NOT met "
+    "by the measured default run: with 20% harmful samples every method ends at HS 100% on this toy (seed 0, with the authors' adapter continuation, 2026-12-02; also seeds 0-4 "
     "with the earlier fresh-adapter pipeline, see the README). Measured: Antibody's and Booster's alignment stalls "
     "at P(refusal) ~0.8 (SFT: 0.998) with cos(g_a, g_s) ~ -0.94, and Antibody's held-out HS is 77% after 100 "
     "fine-tuning steps. Strict: the demo is deterministic on one machine, so if the outcome changes this test fails "

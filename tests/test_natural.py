@@ -108,9 +108,9 @@ def test_harmful_answers_are_compliance_styled_varied_and_not_refusals():
     assert any("\n1. " in a for a in answers) and any("\n- " in a for a in answers)
     assert any("Step 1:" in a for a in answers) and any(" First, " in a or "\nFirst, " in a for a in answers)
     # no one filler sentence dominates: the most common move appears in under a quarter of the answers
-    moves = [m for m in nat._HARM_MOVES if any(m[1:] in a for a in answers)]
+    moves = [m for m in nat.HARM_MOVES if any(m[1:] in a for a in answers)]
     assert len(moves) >= 25
-    top = max(sum(m[1:] in a for a in answers) for m in nat._HARM_MOVES)
+    top = max(sum(m[1:] in a for a in answers) for m in nat.HARM_MOVES)
     assert top < 0.25 * len(answers)
 
 

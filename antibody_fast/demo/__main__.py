@@ -1,8 +1,8 @@
-"""``python -m antibody_fast.demo [options]``: see :func:`antibody_fast.demo.main`."""
+"""``python -m antibody_fast.demo [options]``: see :func:`antibody_fast.demo.cli.main`."""
 
 import sys
 
-from . import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._args import add_overrides
+
 
 def build_parser(prog: str = "antibody-fast demo --model smollm2") -> argparse.ArgumentParser:
-    from .real import DEFAULT_METHODS, RealConfig
+    from .real_config import DEFAULT_METHODS, RealConfig
 
     d, q = RealConfig(), RealConfig.quick_config()
     p = argparse.ArgumentParser(
@@ -42,8 +44,7 @@ def build_parser(prog: str = "antibody-fast demo --model smollm2") -> argparse.A
 
 
 def config_from_args(args: argparse.Namespace):
-    from . import add_overrides
-    from .real import RealConfig
+    from .real_config import RealConfig
 
     kw = dict(
         seed=args.seed,
