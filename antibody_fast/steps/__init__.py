@@ -47,7 +47,7 @@ Common behaviour
 
 Layout: :mod:`.config` (configs, :class:`AlignState`, :class:`StepStats`), :mod:`.finetune` (``weighted_step``,
 ``sft_step``), :mod:`.align` (``align_step``), ``_common`` (the token-mean loss and the guarded finish, shared
-with :mod:`antibody_fast.baselines`) and ``_validate`` (the checks run before any state change). The model
+with :mod:`.baselines`) and ``_validate`` (the checks run before any state change). The model
 plumbing (trunk/head split, flat parameters) lives in :mod:`antibody_fast._model`.
 """
 

@@ -1,4 +1,4 @@
-"""Building blocks of every step (the main steps and :mod:`antibody_fast.baselines`): the token-mean loss
+"""Building blocks of every step (the main steps and :mod:`.baselines`): the token-mean loss
 through the fused linear log-likelihood, the gradient all-reduce, and the guarded finish (clip, optimizer and
 scheduler step, zeroing). docs/design.md §3.
 """

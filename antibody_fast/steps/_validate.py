@@ -1,6 +1,6 @@
 """Checks the steps run before any state change: configs, batches, refusals (docs/reliability.md).
 
-Shared by :mod:`.config`, :mod:`.finetune`, :mod:`.align` and :mod:`antibody_fast.baselines`. Every check
+Shared by :mod:`.config`, :mod:`.finetune`, :mod:`.align` and :mod:`.baselines`. Every check
 raises ``ValueError`` / ``TypeError`` and modifies nothing.
 """
 
