@@ -14,9 +14,9 @@ Nothing is launched. For each compile this module records
 and reports a violation for spills, shared memory over the architecture's limit, or an fp16/bf16 matmul
 kernel without tensor-core instructions.
 
-What gets compiled (:func:`variants`) is derived from the launchers (``antibody_fast/ops/*.py``): the same
-block / warp / stage configurations (autotune configurations included) and constexpr flags, for every input
-dtype the op accepts on CUDA. Integer arguments are specialised the way Triton's runtime specialises a call
+What gets compiled (:func:`variants`) is derived from the launchers (``antibody_fast/ops/<op>/_triton.py``,
+whose launch configuration each op package re-exports): the same block / warp / stage configurations
+(autotune configurations included) and constexpr flags, for every input dtype the op accepts on CUDA. Integer arguments are specialised the way Triton's runtime specialises a call
 with contiguous, 16-byte aligned tensors (a unit stride becomes the constant 1, pointers and the sizes
 divisible by 16 carry ``tt.divisibility=16``) at the benchmark shapes (H = 4096, V = 32000). The launchers keep
 the pointers aligned (they copy a misaligned view) and pad the strides of their own buffers to multiples of
@@ -170,7 +170,7 @@ def _lm_head_variants() -> list[Variant]:
             )
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        kind = slp._config_kind(dtype, cuda)
+        kind = slp.config_kind(dtype, cuda)
         p = _tt(dtype)
         dz_p = p if kind == "tc" else "*fp32"
         tc = kind == "tc"
@@ -217,7 +217,7 @@ def _lm_head_variants() -> list[Variant]:
                     tc and ndw,
                     i == 0 and ndw and ndb,
                 )
-    BR, BC, warps = slp._COMBINE_BLOCKS["cuda"]
+    BR, BC, warps = slp.COMBINE_BLOCKS["cuda"]
     comb_args = dict(
         PM_ptr="*fp32", PL_ptr="*fp32", ZT_ptr="*fp32", T_ptr="*i64", SID_ptr="*i64", PERM_ptr="*i64",
         NROWS_ptr="*i32", LSE_ptr="*fp32", LP_ptr="*fp32", n_chunks=18, stride_p=N, V=V,
@@ -242,7 +242,7 @@ def _logits_variants() -> list[Variant]:
 
     slp = importlib.import_module("antibody_fast.ops.sequence_logprob")
 
-    BV, warps = slp._logits_block(torch.device("cuda"))
+    BV, warps = slp.logits_block(torch.device("cuda"))
     out = []
     V = 32000
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -289,7 +289,7 @@ def _flat_variants() -> list[Variant]:
 
     m = "flat_ops"
     n = 1 << 24  # a flat buffer's numel (divisible by 16)
-    W, BR, BE, BP = fo._NUM_WARPS, fo._BLOCK_RED, fo._BLOCK_EW, fo._BLOCK_P
+    W, BR, BE, BP = fo.NUM_WARPS, fo.BLOCK_RED, fo.BLOCK_EW, fo.BLOCK_P
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     out = []
     for dt in dtypes:
@@ -358,7 +358,7 @@ def _flat_variants() -> list[Variant]:
                 out.append(
                     _variant(
                         m,
-                        "_clip_scale_kernel",
+                        "_clip_kernel",
                         lab,
                         dict(
                             G_ptr=p,
@@ -391,7 +391,7 @@ def _flat_variants() -> list[Variant]:
                     out.append(
                         _variant(
                             m,
-                            "_combine_kernel",
+                            "_antibody_combine_kernel",
                             f"{p[1:]} r={int(has_r)} lt_t={int(lt_t)} lr_t={int(lr_t)}",
                             dict(
                                 O_ptr=p,
@@ -415,7 +415,7 @@ def _flat_variants() -> list[Variant]:
         out.append(
             _variant(
                 m,
-                "_copy_kernel",
+                "_restore_kernel",
                 bits[1:],
                 dict(DST_ptr=bits, SRC_ptr=bits, n=n),
                 dict(BLOCK=BE),
