@@ -136,7 +136,7 @@ def predictions_markdown() -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for V in (32000, 128256):
-        # launcher choices on a 132-SM GPU (the same arithmetic as _fwd_chunk / _bwd_chunk)
+        # launcher choices on a 132-SM GPU (the same arithmetic as fwd_chunk / bwd_chunk)
         row_tiles = -(-N // 128)
         want = -(-4 * SMS // row_tiles)
         chunk_f = max(256, (-(-V // want) // 256) * 256)
