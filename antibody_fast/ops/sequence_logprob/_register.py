@@ -15,14 +15,16 @@ from ._torch import LinearGradParams, LinearParams, LogitsGradParams, LogitsPara
 
 
 def _extra_reasons(impl: str, device: torch.device, dtype: torch.dtype | None) -> list[str]:
+    """The ops' own limits: the dtypes they take, and what the Triton kernels cannot do."""
     reasons = []
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         reasons.append(f"unsupported dtype {dtype}")
-    if impl == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+    triton = impl == "triton"
+    if triton and device.type == "cpu" and dtype == torch.bfloat16:
         reasons.append(
             "the Triton interpreter computes bfloat16 arithmetic wrongly (use cpp or torch on CPU)"
         )
-    if impl == "triton" and dtype == torch.float64:
+    if triton and dtype == torch.float64:
         reasons.append("the Triton kernels do not support float64 (use torch)")
     return reasons
 
