@@ -117,6 +117,11 @@ def extension_status() -> dict:
     }
 
 
+def extension_error() -> str | None:
+    """Why the extension is not loaded (loading it first if needed), or None when it is. Never raises."""
+    return None if load_extension() is not None else _state["reason"]
+
+
 def cpp_ops():
     """``torch.ops.antibody_fast_cpp`` once the extension is loaded (raises if it is not)."""
     if load_extension() is None:

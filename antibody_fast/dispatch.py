@@ -8,6 +8,10 @@
   (this is how CI tests the Triton kernels without a GPU). ``auto`` never picks the interpreter.
 
 Nothing here initialises CUDA: only a tensor that already lives on CUDA leads to CUDA queries.
+
+This module is the registry, not its client: it imports nothing from :mod:`antibody_fast.ops`. Each op package
+registers its :class:`OpSpec` when it is imported (``ops/<op>/_register.py``), so a caller that wants every op
+listed (``antibody_fast.info``) imports :mod:`antibody_fast.ops` first (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from ._ext import extension_error
 
 IMPLS = ("auto", "triton", "cpp", "torch")
 _ENV = "ANTIBODY_FAST_IMPL"
@@ -45,20 +51,17 @@ _REGISTRY: dict[str, OpSpec] = {}
 
 
 def register_op(spec: OpSpec) -> OpSpec:
+    """Add (or replace) ``spec`` under ``spec.name``; called by each op package when it is imported."""
     _REGISTRY[spec.name] = spec
     return spec
 
 
 def registered_ops() -> dict[str, OpSpec]:
-    # Import the op modules so that they register themselves (they are light: no triton import).
-    from . import ops  # noqa: F401
-
+    """The ops registered so far (import :mod:`antibody_fast.ops` first to have all of them)."""
     return dict(_REGISTRY)
 
 
 def _spec(op: str) -> OpSpec:
-    if op not in _REGISTRY:
-        from . import ops  # noqa: F401  (registers every op)
     try:
         return _REGISTRY[op]
     except KeyError:
@@ -102,13 +105,20 @@ def _cpp_reasons(spec: OpSpec, device: torch.device) -> list[str]:
         reasons.append("no C++ kernel for this op")
     if device.type != "cpu":
         reasons.append(f"the C++ kernels are CPU-only (tensor is on {device.type})")
-    from ._ext import _state, load_extension
-
-    if load_extension() is None:
-        reasons.append(f"C++ extension not loaded ({_state['reason']})")
+    err = extension_error()
+    if err is not None:
+        reasons.append(f"C++ extension not loaded ({err})")
     elif spec.cpp_name is not None and not hasattr(torch.ops.antibody_fast_cpp, spec.cpp_name):
         reasons.append(f"the loaded C++ extension has no op {spec.cpp_name!r} (rebuild it)")
     return reasons
+
+
+# impl -> why it cannot run an op on a device (before the op's own ``extra_reasons``)
+_IMPL_REASONS: dict[str, Callable[[OpSpec, torch.device], list[str]]] = {
+    "triton": _triton_reasons,
+    "cpp": _cpp_reasons,
+    "torch": lambda spec, device: [],
+}
 
 
 def not_supported_reasons(
@@ -119,14 +129,10 @@ def not_supported_reasons(
     device = torch.device(device)
     if impl not in spec.impls:
         return [f"{op} has no {impl!r} implementation"]
-    if impl == "triton":
-        reasons = _triton_reasons(spec, device)
-    elif impl == "cpp":
-        reasons = _cpp_reasons(spec, device)
-    elif impl == "torch":
-        reasons = []
-    else:
+    reasons_of = _IMPL_REASONS.get(impl)
+    if reasons_of is None:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    reasons = reasons_of(spec, device)
     if spec.extra_reasons is not None:
         reasons += spec.extra_reasons(impl, device, dtype)
     return reasons

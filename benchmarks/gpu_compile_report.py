@@ -136,11 +136,11 @@ def predictions_markdown() -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for V in (32000, 128256):
-        # launcher choices on a 132-SM GPU (the same arithmetic as _fwd_chunk / _bwd_chunk)
+        # launcher choices on a 132-SM GPU (the same arithmetic as fwd_chunk / bwd_chunk)
         row_tiles = -(-N // 128)
         want = -(-4 * SMS // row_tiles)
         chunk_f = max(256, (-(-V // want) // 256) * 256)
-        chunk_b = min(max(256, (slp._DZ_BUDGET // (N * 2) // 256) * 256), -(-V // 256) * 256)
+        chunk_b = min(max(256, (slp.DZ_BUDGET // (N * 2) // 256) * 256), -(-V // 256) * 256)
         n_fc = -(-V // chunk_f)
         total_t = total_f = 0.0
         for stage in ("fwd", "combine", "dz", "dh", "dw"):
@@ -149,7 +149,7 @@ def predictions_markdown() -> str:
             if stage == "fwd":
                 grid = f"{row_tiles} x {n_fc} = {row_tiles * n_fc}"
             elif stage == "combine":
-                grid = str(-(-N // slp._COMBINE_BLOCKS["cuda"][0]))
+                grid = str(-(-N // slp.COMBINE_BLOCKS["cuda"][0]))
             elif stage == "dz":
                 grid = f"{-(-N // cfg[0])} x {-(-chunk_b // cfg[1])} per chunk, {-(-V // chunk_b)} chunk(s)"
             elif stage == "dh":

@@ -1,5 +1,6 @@
-// C++ CPU kernels of the flat-buffer ops (antibody_fast/ops/flat_ops.py), registered as
-// torch.ops.antibody_fast_cpp.flat_*. Parallelised with at::parallel_for (OpenMP backend).
+// C++ CPU kernels of the flat-buffer ops (antibody_fast/ops/flat_ops/), registered as
+// torch.ops.antibody_fast_cpp.<op> under the op's one name (sq_norm, grad_dots, perturb_, restore_,
+// antibody_combine_, clip_). Parallelised with at::parallel_for (OpenMP backend).
 //
 // Every op takes lists of 1-D contiguous tensors (one per dtype group). Arithmetic happens in fp32 for
 // fp16/bf16/fp32 and in fp64 for fp64; results are rounded once to the storage dtype.
@@ -326,13 +327,13 @@ void reduce_blocks(int64_t n, F block_fn, double* out) {
     for (int k = 0; k < K; ++k) out[k] += partial[b * K + k];
 }
 
-Tensor flat_sq_norm(at::TensorList xs) {
-  check_list(xs, "flat_sq_norm: xs");
+Tensor sq_norm(at::TensorList xs) {
+  check_list(xs, "sq_norm: xs");
   double total = 0.0;
   bool any_fp64 = false;
   for (const auto& x : xs) {
     any_fp64 = any_fp64 || x.scalar_type() == at::kDouble;
-    AF_DISPATCH(x.scalar_type(), "flat_sq_norm", [&] {
+    AF_DISPATCH(x.scalar_type(), "sq_norm", [&] {
       const scalar_t* p = x.data_ptr<scalar_t>();
       const auto fn = Kern<scalar_t>::sumsq();
       reduce_blocks<1>(x.numel(), [&](int64_t lo, int64_t hi, double* o) { o[0] += fn(p, lo, hi); }, &total);
@@ -342,13 +343,13 @@ Tensor flat_sq_norm(at::TensorList xs) {
   return at::scalar_tensor(static_cast<float>(total), xs[0].options().dtype(at::kFloat));
 }
 
-Tensor flat_grad_dots(at::TensorList a, at::TensorList h, at::TensorList p) {
-  check_list(a, "flat_grad_dots: g_a");
-  check_like(a, h, "flat_grad_dots: g_h");
-  check_like(a, p, "flat_grad_dots: g_p");
+Tensor grad_dots(at::TensorList a, at::TensorList h, at::TensorList p) {
+  check_list(a, "grad_dots: g_a");
+  check_like(a, h, "grad_dots: g_h");
+  check_like(a, p, "grad_dots: g_p");
   double acc[3] = {0.0, 0.0, 0.0};
   for (size_t k = 0; k < a.size(); ++k) {
-    AF_DISPATCH(a[k].scalar_type(), "flat_grad_dots", [&] {
+    AF_DISPATCH(a[k].scalar_type(), "grad_dots", [&] {
       const scalar_t* pa = a[k].data_ptr<scalar_t>();
       const scalar_t* ph = h[k].data_ptr<scalar_t>();
       const scalar_t* pp = p[k].data_ptr<scalar_t>();
@@ -363,17 +364,17 @@ Tensor flat_grad_dots(at::TensorList a, at::TensorList h, at::TensorList p) {
 }
 
 // ---------------------------------------------------------------------------------------------- elementwise
-Tensor flat_perturb(at::TensorList theta, at::TensorList backup, at::TensorList g, const Tensor& sq_norm, double rho,
+Tensor perturb_(at::TensorList theta, at::TensorList backup, at::TensorList g, const Tensor& sq_norm, double rho,
                     double eps) {
-  check_list(theta, "flat_perturb: theta");
-  check_like(theta, backup, "flat_perturb: backup");
-  check_like(theta, g, "flat_perturb: g");
-  const SqNorm sq = read_sq(sq_norm, "flat_perturb: sq_norm");
+  check_list(theta, "perturb_: theta");
+  check_like(theta, backup, "perturb_: backup");
+  check_like(theta, g, "perturb_: g");
+  const SqNorm sq = read_sq(sq_norm, "perturb_: sq_norm");
   const bool finite = std::isfinite(sq.value);
   const double scale = sq.is_fp64 ? perturb_scale_t<double>(sq.value, rho, eps)
                                   : static_cast<double>(perturb_scale_t<float>(static_cast<float>(sq.value), rho, eps));
   for (size_t k = 0; k < theta.size(); ++k) {
-    AF_DISPATCH(theta[k].scalar_type(), "flat_perturb", [&] {
+    AF_DISPATCH(theta[k].scalar_type(), "perturb_", [&] {
       scalar_t* pt = theta[k].data_ptr<scalar_t>();
       scalar_t* pb = backup[k].data_ptr<scalar_t>();
       const scalar_t* pg = g[k].data_ptr<scalar_t>();
@@ -388,9 +389,9 @@ Tensor flat_perturb(at::TensorList theta, at::TensorList backup, at::TensorList 
   return at::scalar_tensor(!finite, sq_norm.options().dtype(at::kBool));
 }
 
-void flat_restore(at::TensorList theta, at::TensorList backup) {
-  check_list(theta, "flat_restore: theta");
-  check_like(theta, backup, "flat_restore: backup");
+void restore_(at::TensorList theta, at::TensorList backup) {
+  check_list(theta, "restore_: theta");
+  check_like(theta, backup, "restore_: backup");
   for (size_t k = 0; k < theta.size(); ++k) {
     char* dst = static_cast<char*>(theta[k].data_ptr());
     const char* src = static_cast<const char*>(backup[k].data_ptr());
@@ -401,21 +402,21 @@ void flat_restore(at::TensorList theta, at::TensorList backup) {
   }
 }
 
-void flat_combine(at::TensorList out, at::TensorList a, at::TensorList h, at::TensorList p, at::TensorList r,
+void antibody_combine_(at::TensorList out, at::TensorList a, at::TensorList h, at::TensorList p, at::TensorList r,
                   const std::optional<Tensor>& lambda_t, double lambda_t_value, const std::optional<Tensor>& lambda_ref,
                   double lambda_ref_value) {
-  check_list(out, "flat_combine: out");
-  check_like(out, a, "flat_combine: g_a");
-  check_like(out, h, "flat_combine: g_h");
-  check_like(out, p, "flat_combine: g_p");
+  check_list(out, "antibody_combine_: out");
+  check_like(out, a, "antibody_combine_: g_a");
+  check_like(out, h, "antibody_combine_: g_h");
+  check_like(out, p, "antibody_combine_: g_p");
   const bool has_r = !r.empty();
-  if (has_r) check_like(out, r, "flat_combine: g_r");
+  if (has_r) check_like(out, r, "antibody_combine_: g_r");
   for (size_t k = 0; k < out.size(); ++k) {
-    AF_DISPATCH(out[k].scalar_type(), "flat_combine", [&] {
+    AF_DISPATCH(out[k].scalar_type(), "antibody_combine_", [&] {
       using A = acc_of<scalar_t>;
       auto read = [](const std::optional<Tensor>& t, double v) -> A {
         if (!t.has_value()) return static_cast<A>(v);
-        TORCH_CHECK_VALUE(t->device().is_cpu() && t->numel() == 1, "flat_combine: lambda must be a 1-element CPU tensor");
+        TORCH_CHECK_VALUE(t->device().is_cpu() && t->numel() == 1, "antibody_combine_: lambda must be a 1-element CPU tensor");
         return t->to(c10::CppTypeToScalarType<A>::value).contiguous().template data_ptr<A>()[0];
       };
       const A lt = read(lambda_t, lambda_t_value);
@@ -432,15 +433,15 @@ void flat_combine(at::TensorList out, at::TensorList a, at::TensorList h, at::Te
   }
 }
 
-Tensor flat_clip_scale(at::TensorList g, const Tensor& sq_norm, double max_norm) {
-  check_list(g, "flat_clip_scale: g");
-  const SqNorm sq = read_sq(sq_norm, "flat_clip_scale: sq_norm");
+Tensor clip_(at::TensorList g, const Tensor& sq_norm, double max_norm) {
+  check_list(g, "clip_: g");
+  const SqNorm sq = read_sq(sq_norm, "clip_: sq_norm");
   const double norm = std::sqrt(sq.value);
   const double coef = sq.is_fp64 ? clip_coef_t<double>(sq.value, max_norm)
                                  : static_cast<double>(clip_coef_t<float>(static_cast<float>(sq.value), max_norm));
   if (coef != 1.0) {  // coef == 1 is the identity (and then every element is finite): skip the pass
     for (size_t k = 0; k < g.size(); ++k) {
-      AF_DISPATCH(g[k].scalar_type(), "flat_clip_scale", [&] {
+      AF_DISPATCH(g[k].scalar_type(), "clip_", [&] {
         scalar_t* px = g[k].data_ptr<scalar_t>();
         const auto c = static_cast<acc_of<scalar_t>>(coef);
         const auto fn = Kern<scalar_t>::scale();
@@ -454,14 +455,20 @@ Tensor flat_clip_scale(at::TensorList g, const Tensor& sq_norm, double max_norm)
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(antibody_fast_cpp, m) {
-  m.def("flat_sq_norm(Tensor[] xs) -> Tensor", &flat_sq_norm);
-  m.def("flat_grad_dots(Tensor[] g_a, Tensor[] g_h, Tensor[] g_p) -> Tensor", &flat_grad_dots);
-  m.def("flat_perturb(Tensor(a!)[] theta, Tensor(b!)[] backup, Tensor[] g, Tensor sq_norm, float rho, float eps) "
-        "-> Tensor",
-        &flat_perturb);
-  m.def("flat_restore(Tensor(a!)[] theta, Tensor[] backup) -> ()", &flat_restore);
-  m.def("flat_combine(Tensor(a!)[] out, Tensor[] g_a, Tensor[] g_h, Tensor[] g_p, Tensor[] g_r, Tensor? lambda_t, "
-        "float lambda_t_value, Tensor? lambda_ref, float lambda_ref_value) -> ()",
-        &flat_combine);
-  m.def("flat_clip_scale(Tensor(a!)[] g, Tensor sq_norm, float max_norm) -> Tensor", &flat_clip_scale);
+  m.def("sq_norm(Tensor[] xs) -> Tensor");
+  m.def("grad_dots(Tensor[] g_a, Tensor[] g_h, Tensor[] g_p) -> Tensor");
+  m.def("perturb_(Tensor(a!)[] theta, Tensor(b!)[] backup, Tensor[] g, Tensor sq_norm, float rho, float eps) -> Tensor");
+  m.def("restore_(Tensor(a!)[] theta, Tensor[] backup) -> ()");
+  m.def("antibody_combine_(Tensor(a!)[] out, Tensor[] g_a, Tensor[] g_h, Tensor[] g_p, Tensor[] g_r, Tensor? lambda_t, "
+        "float lambda_t_value, Tensor? lambda_ref, float lambda_ref_value) -> ()");
+  m.def("clip_(Tensor(a!)[] g, Tensor sq_norm, float max_norm) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(antibody_fast_cpp, CPU, m) {
+  m.impl("sq_norm", &sq_norm);
+  m.impl("grad_dots", &grad_dots);
+  m.impl("perturb_", &perturb_);
+  m.impl("restore_", &restore_);
+  m.impl("antibody_combine_", &antibody_combine_);
+  m.impl("clip_", &clip_);
 }

@@ -1,7 +1,8 @@
 // Python module entry of antibody_fast._C.
 //
-// Every op's C++ CPU kernel lives in its own csrc/<op>.cpp and registers itself with
-// TORCH_LIBRARY_FRAGMENT(antibody_fast_cpp, m), so it is reachable as torch.ops.antibody_fast_cpp.<op>.
+// Every op's C++ CPU kernel lives in its own csrc/<op>.cpp and registers itself in one style: the schema with
+// m.def(...) in TORCH_LIBRARY_FRAGMENT(antibody_fast_cpp, m), the kernel with m.impl(...) in
+// TORCH_LIBRARY_IMPL(antibody_fast_cpp, CPU, m), so it is reachable as torch.ops.antibody_fast_cpp.<op>.
 // This file only makes the shared library importable and records the torch it was built against, so that
 // the loader can refuse an extension built for another torch instead of crashing.
 #include <torch/extension.h>

@@ -1,4 +1,4 @@
-// C++ CPU kernels of the per-sequence log-likelihood ops (antibody_fast/ops/sequence_logprob.py).
+// C++ CPU kernels of the per-sequence log-likelihood ops (antibody_fast/ops/sequence_logprob/).
 //
 //   torch.ops.antibody_fast_cpp.linear_sequence_logprob_fwd / _bwd   (fused with the lm_head matmul)
 //   torch.ops.antibody_fast_cpp.sequence_logprob_fwd / _bwd          (from logits)

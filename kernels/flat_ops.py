@@ -1,4 +1,4 @@
-"""Triton kernels of the flat-buffer ops (launchers: ``antibody_fast/ops/flat_ops.py``).
+"""Triton kernels of the flat-buffer ops (launchers: ``antibody_fast/ops/flat_ops/_triton.py``).
 
 Reductions run in two launches: a persistent grid of ``P`` programs, each striding over blocks of its flat
 tensor and accumulating in an fp32 (fp64 for fp64 input) vector, writes one fp64 partial per program; one
@@ -186,7 +186,7 @@ def _perturb_kernel(
 
 
 @triton.jit
-def _copy_kernel(DST_ptr, SRC_ptr, n, BLOCK: tl.constexpr):
+def _restore_kernel(DST_ptr, SRC_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
@@ -194,7 +194,7 @@ def _copy_kernel(DST_ptr, SRC_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _combine_kernel(
+def _antibody_combine_kernel(
     O_ptr,
     A_ptr,
     H_ptr,
@@ -233,7 +233,7 @@ def _combine_kernel(
 
 
 @triton.jit
-def _clip_scale_kernel(
+def _clip_kernel(
     G_ptr,
     SQ_ptr,
     PART_ptr,
@@ -274,7 +274,7 @@ __all__ = [
     "_sum_partials_kernel",
     "_load_sq",
     "_perturb_kernel",
-    "_copy_kernel",
-    "_combine_kernel",
-    "_clip_scale_kernel",
+    "_restore_kernel",
+    "_antibody_combine_kernel",
+    "_clip_kernel",
 ]

@@ -1,4 +1,5 @@
-"""Triton kernels of the per-sequence log-likelihood ops (launchers: antibody_fast/ops/sequence_logprob.py).
+"""Triton kernels of the per-sequence log-likelihood ops (launchers:
+``antibody_fast/ops/sequence_logprob/_triton.py``).
 
 Row compaction without a host sync: the launcher sorts the row indices so that the scored rows come first
 (``PERM``; stable, grad rows before non-grad rows) and passes their count as a device scalar (``NROWS_ptr``).
@@ -6,7 +7,8 @@ The grid is sized for every row, and a program whose first row lies beyond the c
 ignored rows cost neither a matmul nor a host sync. Buffers indexed by ``pos`` (partials, ``DZ``) use the
 compacted position ``pos`` in ``PERM``; per-row outputs (``LSE``, ``DH``) use the row ``PERM[pos]``.
 
-The fused lm_head op is tiled for a GPU (schedule and cost model: ``antibody_fast/ops/sequence_logprob.py``):
+The fused lm_head op is tiled for a GPU (schedule and cost model:
+``antibody_fast/ops/sequence_logprob/_triton.py``):
 
 * forward: :func:`_linear_fwd_kernel` on a 2-D grid (row tiles x vocabulary chunks) writes per-chunk
   (max, sum-exp) partials; :func:`_lse_combine_kernel` merges them (a second small launch, no host sync);

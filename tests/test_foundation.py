@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import antibody_fast.ops  # noqa: F401  (the ops register themselves with the dispatch registry on import)
 from antibody_fast import dispatch
 from antibody_fast.dispatch import ImplUnavailableError, resolve_impl
 
@@ -161,6 +162,7 @@ def test_missing_extension_falls_back_with_one_warning():
             assert load_extension() is None             # idempotent: still one warning
         msgs = [str(x.message) for x in w if "antibody_fast" in str(x.message)]
         assert len(msgs) == 1, msgs
+        import antibody_fast.ops                        # registers the ops (no extension load)
         from antibody_fast.dispatch import resolve_impl, ImplUnavailableError
         assert resolve_impl("linear_sequence_logprob", "auto", "cpu") == "torch"
         try:
@@ -187,7 +189,9 @@ def test_jit_fallback_builds_when_prebuilt_unusable(tmp_path):
         assert mod is not None, ext._state
         assert ext._state["how"] == "jit"
         assert [str(x.message) for x in w if "JIT" in str(x.message)], [str(x.message) for x in w]
+        import antibody_fast.ops
         from antibody_fast import dispatch
+        assert dispatch.registered_ops()
         for op in dispatch.registered_ops():
             assert dispatch.not_supported_reasons(op, "cpp", "cpu") == [], op
         print("JIT-OK")

@@ -128,16 +128,17 @@ def test_forward_grid_fills_the_gpu(V, monkeypatch):
     import torch
 
     slp = importlib.import_module("antibody_fast.ops.sequence_logprob")
-    monkeypatch.setattr(slp, "_sm_count", lambda device: 132)
+    launchers = importlib.import_module("antibody_fast.ops.sequence_logprob._triton")
+    monkeypatch.setattr(launchers, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")  # no CUDA call: only the arithmetic of the launcher
     N = 4096
-    chunk = slp._fwd_chunk(N, V, cuda)
+    chunk = slp.fwd_chunk(N, V, cuda)
     assert chunk % 256 == 0
     n_chunks = -(-V // chunk)
     for kind in ("tc", "f32"):
         for bm, *_ in slp.LINEAR_CONFIGS["fwd"][kind]:
             assert -(-N // bm) * n_chunks >= 4 * 132, (kind, bm, chunk)
     for elt in (2, 4):
-        bchunk = slp._bwd_chunk(N, V, elt, cuda)
-        assert bchunk % 256 == 0 and N * bchunk * elt <= slp._DZ_BUDGET
+        bchunk = slp.bwd_chunk(N, V, elt, cuda)
+        assert bchunk % 256 == 0 and N * bchunk * elt <= slp.DZ_BUDGET
     assert slp.FROZEN_STRATEGY["cuda"] == "recompute"

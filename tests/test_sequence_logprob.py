@@ -486,8 +486,9 @@ def test_triton_logits_bfloat16_gpu():
 @pytest.mark.parametrize("strategy", ["precompute", "recompute"])
 def test_torch_path_without_compaction(monkeypatch, strategy):
     # the torch path's CUDA branch (no nonzero: every row processed, masked), exercised on CPU
-    monkeypatch.setattr(slp, "_compact", lambda device: False)
-    monkeypatch.setattr(slp, "_TORCH_CHUNK_ELEMS", 10 * 100)  # several chunks
+    twin = importlib.import_module("antibody_fast.ops.sequence_logprob._torch")
+    monkeypatch.setattr(twin, "_compact", lambda device: False)
+    monkeypatch.setattr(twin, "_TORCH_CHUNK_ELEMS", 10 * 100)  # several chunks
     monkeypatch.setenv("ANTIBODY_FAST_FROZEN_STRATEGY", strategy)
     gen = torch.Generator().manual_seed(17)
     hidden, weight, bias = _inputs(3, 11, 8, 100, gen)

@@ -1,7 +1,11 @@
-"""Ops. One module per op: host launchers, the ``torch.library`` custom op (CPU kernel = C++,
-CUDA kernel = Triton, fake kernel for tracing), autograd, and the pure-torch reference.
+"""Ops. One package per op (or family of ops), every one with the same files (CONTRIBUTING.md "Adding an op"):
+``__init__.py`` (public API), ``_validate.py`` (input checks), ``_torch.py`` (the pure-torch twin, the params
+dataclasses and the references), ``_triton.py`` (launchers of ``kernels/<op>.py``), ``_cpp.py`` (binding to
+``csrc/<op>.cpp``) and ``_register.py`` (dispatch entry, ``torch.library`` custom ops, fakes, autograd; one
+:func:`~antibody_fast.ops._registry.define_op` each).
 
-Importing this package registers the custom ops; it does not import triton.
+Importing this package registers every op with :mod:`antibody_fast.dispatch` and ``torch.library``; it does not
+import triton.
 """
 
 from .flat_ops import antibody_combine_, clip_, grad_dots, perturb_, restore_, sq_norm
