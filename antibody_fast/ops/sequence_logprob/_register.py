@@ -29,44 +29,23 @@ def _extra_reasons(impl: str, device: torch.device, dtype: torch.dtype | None) -
     return reasons
 
 
-register_op(
-    OpSpec(
-        name="sequence_logprob",
-        cpp_name="sequence_logprob_fwd",
-        triton_module="sequence_logprob",
-        extra_reasons=_extra_reasons,
-        doc="per-sequence sum of log p(label) from logits",
+# public op -> its doc line; the dispatch entry's C++ op is the op's forward stage
+OPS = {
+    "sequence_logprob": "per-sequence sum of log p(label) from logits",
+    "linear_sequence_logprob": (
+        "per-sequence sum of log p(label) fused with the lm_head matmul (also paired_sequence_logprob)"
+    ),
+}
+for _name, _doc in OPS.items():
+    register_op(
+        OpSpec(
+            name=_name,
+            cpp_name=f"{_name}_fwd",
+            triton_module="sequence_logprob",
+            extra_reasons=_extra_reasons,
+            doc=_doc,
+        )
     )
-)
-register_op(
-    OpSpec(
-        name="linear_sequence_logprob",
-        cpp_name="linear_sequence_logprob_fwd",
-        triton_module="sequence_logprob",
-        extra_reasons=_extra_reasons,
-        doc="per-sequence sum of log p(label) fused with the lm_head matmul (also paired_sequence_logprob)",
-    )
-)
-
-
-register_op(
-    OpSpec(
-        name="sequence_logprob",
-        cpp_name="sequence_logprob_fwd",
-        triton_module="sequence_logprob",
-        extra_reasons=_extra_reasons,
-        doc="per-sequence sum of log p(label) from logits",
-    )
-)
-register_op(
-    OpSpec(
-        name="linear_sequence_logprob",
-        cpp_name="linear_sequence_logprob_fwd",
-        triton_module="sequence_logprob",
-        extra_reasons=_extra_reasons,
-        doc="per-sequence sum of log p(label) fused with the lm_head matmul (also paired_sequence_logprob)",
-    )
-)
 
 # ------------------------------------------------------------------------------------------------------------
 # custom ops: schemas (flat arguments) and fake kernels
