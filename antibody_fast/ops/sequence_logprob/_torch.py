@@ -99,6 +99,49 @@ def _scored_rows(valid: torch.Tensor) -> torch.Tensor:
     return torch.arange(valid.shape[0], device=valid.device)
 
 
+def _row_targets(valid, targets, rows):
+    """``(ok, tgt)`` of a chunk of rows: whether each is scored, and its target (0 where it is not)."""
+    ok = valid.index_select(0, rows)
+    return ok, torch.where(ok, targets.index_select(0, rows), 0)
+
+
+def _tile_logits(hidden, rows, w, b, softcap, acc):
+    """``(h, z, t)``: the chunk's hidden rows and logits in ``acc`` (soft-capped), and ``tanh(z / softcap)``
+    for the soft-cap's derivative (``None`` without soft-cap)."""
+    h = hidden.index_select(0, rows).to(acc)
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    t = None
+    if softcap is not None:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+    return h, z, t
+
+
+def _row_logprob(z, row_lse, ok, tgt):
+    """``log p(target)`` per row: NaN where it is not finite, 0 on an unscored row."""
+    lp = z.gather(1, tgt[:, None]).squeeze(1) - row_lse
+    lp = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, float("nan")))
+    return torch.where(ok, lp, torch.zeros_like(lp))
+
+
+def _dlogp_dz(z, row_lse, tgt, t):
+    """``d log p(target) / dz`` per row: ``onehot - softmax``, times the soft-cap's derivative when ``t`` is
+    given (``z = softcap * t``)."""
+    dz = -(z - row_lse[:, None]).exp()
+    dz.scatter_add_(1, tgt[:, None], torch.ones_like(dz[:, :1]))
+    if t is not None:
+        dz = dz * (1 - t * t)
+    return dz
+
+
+def _times_seq_grad(dz, g_all, seq_ids, rows, ok):
+    """``dz`` scaled, row by row, by the output gradient of the row's sequence (0 on an unscored row)."""
+    gs = g_all.index_select(0, seq_ids.index_select(0, rows))
+    return dz * torch.where(ok, gs, torch.zeros_like(gs))[:, None]
+
+
 def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: LinearParams):
     """``(logprob [S], num_tokens [S], lse [N], dh [num_grad_rows or 0, H])``, chunked over the scored rows."""
     S, ng, softcap, ignore_index, mode = p.num_seqs, p.num_grad_rows, p.softcap, p.ignore_index, p.mode
@@ -116,29 +159,17 @@ def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: Linea
     b = bias.to(acc) if bias is not None else None
     _chunk_start = [0]  # first row of the current chunk when rows are not compacted (CUDA)
     for rows in _scored_rows(valid).split(_chunk_rows(V)):
-        h = hidden.index_select(0, rows).to(acc)
-        z = h @ w.t()
-        if b is not None:
-            z = z + b
-        if softcap is not None:
-            t = torch.tanh(z / softcap)
-            z = softcap * t
+        _, z, t = _tile_logits(hidden, rows, w, b, softcap, acc)
         m = z.amax(1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         row_lse = (z - m).exp().sum(1).log() + m.squeeze(1)
-        ok = valid.index_select(0, rows)
-        tgt = torch.where(ok, targets.index_select(0, rows), 0)
-        lp = z.gather(1, tgt[:, None]).squeeze(1) - row_lse
-        lp = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, float("nan")))
-        lp = torch.where(ok, lp, torch.zeros_like(lp))
+        ok, tgt = _row_targets(valid, targets, rows)
+        lp = _row_logprob(z, row_lse, ok, tgt)
         lse.index_copy_(0, rows, row_lse)
         logprob.index_add_(0, seq_ids.index_select(0, rows), lp)
         if mode == "precompute":
             g = rows < ng
-            dz = -(z - row_lse[:, None]).exp()
-            dz.scatter_add_(1, tgt[:, None], torch.ones_like(dz[:, :1]))
-            if softcap is not None:
-                dz = dz * (1 - t * t)
+            dz = _dlogp_dz(z, row_lse, tgt, t)
             dz = dz * (ok & g)[:, None].to(acc)
             d = dz @ w
             if _compact(dev):
@@ -169,21 +200,10 @@ def linear_sequence_logprob_bwd(grad, hidden, weight, bias, targets, seq_ids, ls
     b = bias.to(acc) if bias is not None else None
     g_all = grad.to(acc)
     for rows in _scored_rows(valid).split(_chunk_rows(V)):
-        h = hidden.index_select(0, rows).to(acc)
-        z = h @ w.t()
-        if b is not None:
-            z = z + b
-        if softcap is not None:
-            t = torch.tanh(z / softcap)
-            z = softcap * t
-        ok = valid.index_select(0, rows)
-        tgt = torch.where(ok, targets.index_select(0, rows), 0)
-        dz = -(z - lse.index_select(0, rows)[:, None]).exp()
-        dz.scatter_add_(1, tgt[:, None], torch.ones_like(dz[:, :1]))
-        if softcap is not None:
-            dz = dz * (1 - t * t)
-        gs = g_all.index_select(0, seq_ids.index_select(0, rows))
-        dz = dz * torch.where(ok, gs, torch.zeros_like(gs))[:, None]
+        h, z, t = _tile_logits(hidden, rows, w, b, softcap, acc)
+        ok, tgt = _row_targets(valid, targets, rows)
+        dz = _dlogp_dz(z, lse.index_select(0, rows), tgt, t)
+        dz = _times_seq_grad(dz, g_all, seq_ids, rows, ok)
         if nh:
             dh.index_add_(0, rows, dz @ w)
         if nw:
@@ -211,11 +231,8 @@ def sequence_logprob_fwd(logits, targets, seq_ids, p: LogitsParams):
     for rows in _scored_rows(valid).split(_chunk_rows(V)):
         z = logits.index_select(0, rows).to(acc)
         row_lse = torch.logsumexp(z, 1)
-        ok = valid.index_select(0, rows)
-        tgt = torch.where(ok, targets.index_select(0, rows), 0)
-        lp = z.gather(1, tgt[:, None]).squeeze(1) - row_lse
-        lp = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, float("nan")))
-        lp = torch.where(ok, lp, torch.zeros_like(lp))
+        ok, tgt = _row_targets(valid, targets, rows)
+        lp = _row_logprob(z, row_lse, ok, tgt)
         lse.index_copy_(0, rows, row_lse)
         logprob.index_add_(0, seq_ids.index_select(0, rows), lp)
     return logprob, num_tokens, lse
@@ -231,12 +248,9 @@ def sequence_logprob_bwd(grad, logits, targets, seq_ids, lse, p: LogitsGradParam
     g_all = grad.to(acc)
     for rows in _scored_rows(valid).split(_chunk_rows(V)):
         z = logits.index_select(0, rows).to(acc)
-        ok = valid.index_select(0, rows)
-        tgt = torch.where(ok, targets.index_select(0, rows), 0)
-        dz = -(z - lse.index_select(0, rows)[:, None]).exp()
-        dz.scatter_add_(1, tgt[:, None], torch.ones_like(dz[:, :1]))
-        gs = g_all.index_select(0, seq_ids.index_select(0, rows))
-        dz = dz * torch.where(ok, gs, torch.zeros_like(gs))[:, None]
+        ok, tgt = _row_targets(valid, targets, rows)
+        dz = _dlogp_dz(z, lse.index_select(0, rows), tgt, None)
+        dz = _times_seq_grad(dz, g_all, seq_ids, rows, ok)
         out.index_copy_(0, rows, dz.to(logits.dtype))
     return out
 
