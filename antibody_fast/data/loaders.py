@@ -21,16 +21,9 @@ lines ignored):
       ``refusal`` field are skipped (their response is harmful), so the safe rows are the alignment data.
 * **refusal pool**, :func:`load_refusals`: a JSONL file (the authors': 100 lines, one refusal each, as a JSON
   string), a JSON list, or a text file with one refusal per line.
-* **task** data of the user (Alpaca prompt template of the paper, :func:`alpaca_prompt`):
-    - ``sst2``: ``sentence``, ``label`` (0 negative / 1 positive, or the word) -> answer ``positive``/``negative``;
-    - ``agnews``: ``text``, ``label`` (0..3 or the name) -> answer ``World``/``Sports``/``Business``/``Sci/Tech``;
-    - ``gsm8k``: ``question``, ``answer`` (the reasoning ending in ``#### N``) -> the reasoning followed by
-      ``The final answer is: N``;
-    - ``alpaca``: ``instruction``, ``input`` (optional), ``output``.
-  Task examples also carry ``"label"`` (the gold answer used by :mod:`antibody_fast.evaluate`) and ``"task"``.
-
-:func:`build_poisoned_set` mixes task and harmful samples as the paper does: ``n`` samples of which
-``floor(p * n)`` are harmful, in a seeded random order; ``is_harmful`` flags are kept for reports only.
+* **task** data of the user (:func:`load_task`: ``sst2``, ``agnews``, ``gsm8k``, ``alpaca``, in the paper's
+  Alpaca prompt template) and the poisoned user set (:func:`build_poisoned_set`): see
+  :mod:`antibody_fast.data.tasks` for their formats.
 
 Every error is a :class:`DataError` (a ``ValueError``) naming the file, the line (or record) and the field.
 ``datasets`` is never imported at module import; it is used only to read a source that is not a local file
@@ -49,41 +42,18 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from . import tasks
 from .records import LIST_KEYS, DataError, read_records, take, text_field
-from .tasks import (
-    AGNEWS_LABELS,
-    ALPACA_TEMPLATE,
-    ALPACA_TEMPLATE_NO_INPUT,
-    GSM8K_ANSWER_PREFIX,
-    SST2_LABELS,
-    TASKS,
-    alpaca_prompt,
-    as_dataset,
-    build_poisoned_set,
-    harmful_as_task,
-    load_task,
-    with_index,
-)
+from .tasks import *  # noqa: F403  (the task loaders, under this import path too)
 
 __all__ = [
     "DataError",
-    "TASKS",
-    "SST2_LABELS",
-    "AGNEWS_LABELS",
-    "GSM8K_ANSWER_PREFIX",
-    "ALPACA_TEMPLATE",
-    "ALPACA_TEMPLATE_NO_INPUT",
-    "alpaca_prompt",
     "read_records",
     "load_harmful",
     "load_alignment",
     "load_refusals",
     "strip_refusal_wrapper",
-    "load_task",
-    "harmful_as_task",
-    "build_poisoned_set",
-    "with_index",
-    "as_dataset",
+    *tasks.__all__,
 ]
 
 
