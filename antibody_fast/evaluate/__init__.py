@@ -31,31 +31,16 @@ from typing import Any
 import torch
 
 from ..data.tasks import TASKS
+from . import generate, judges, metrics
+from .generate import *  # noqa: F403
 from .generate import greedy_generate
-from .judges import (
-    JUDGE_KINDS,
-    REFUSAL_PATTERNS,
-    CausalLMJudge,
-    ClassifierJudge,
-    RefusalPatternJudge,
-    make_judge,
-)
-from .metrics import extract_final_answer, fine_tune_accuracy, harmful_score, is_correct
+from .judges import *  # noqa: F403
+from .judges import RefusalPatternJudge
+from .metrics import *  # noqa: F403
+from .metrics import fine_tune_accuracy, harmful_score, is_correct
 
-__all__ = [
-    "REFUSAL_PATTERNS",
-    "RefusalPatternJudge",
-    "ClassifierJudge",
-    "CausalLMJudge",
-    "JUDGE_KINDS",
-    "make_judge",
-    "greedy_generate",
-    "extract_final_answer",
-    "is_correct",
-    "fine_tune_accuracy",
-    "harmful_score",
-    "evaluate_model",
-]
+# the public names of the package's modules, and evaluate_model
+__all__ = [*judges.__all__, *generate.__all__, *metrics.__all__, "evaluate_model"]
 
 
 def evaluate_model(
