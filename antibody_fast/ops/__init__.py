@@ -2,7 +2,8 @@
 ``__init__.py`` (public API), ``_validate.py`` (input checks), ``_torch.py`` (the pure-torch twin, the params
 dataclasses and the references), ``_triton.py`` (launchers of ``kernels/<op>.py``), ``_cpp.py`` (binding to
 ``csrc/<op>.cpp``) and ``_register.py`` (dispatch entry, ``torch.library`` custom ops, fakes, autograd; one
-:func:`~antibody_fast.ops._registry.define_op` each).
+:func:`~antibody_fast.ops._registry.define_op` each). Shared by the op packages: ``_registry.py`` (``define_op``)
+and ``_dtypes.py`` (``acc_dtype``, the accumulation dtype of the torch twins and the fake kernels).
 
 Importing this package registers every op with :mod:`antibody_fast.dispatch` and ``torch.library``; it does not
 import triton.

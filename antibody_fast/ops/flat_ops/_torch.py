@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._dtypes import acc_dtype
 from ._validate import FlatTensors, as_list, scalar_arg
 
 # ----------------------------------------------------------------------------------------------------------
@@ -41,11 +42,6 @@ class ClipParams:
     """Scalars of ``clip_``: ``g *= min(1, max_norm / (||g|| + 1e-6))``."""
 
     max_norm: float
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 buffers, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sq_dtype(xs: list[torch.Tensor]) -> torch.dtype:

@@ -9,9 +9,10 @@ Every custom op runs ``cpp`` (``_cpp.py``), ``triton`` (``_triton.py``; on CPU t
 import torch
 
 from ...dispatch import OpSpec, register_op
+from .._dtypes import acc_dtype
 from .._registry import define_op, impls_named
 from . import _cpp, _torch, _triton
-from ._torch import LinearGradParams, LinearParams, LogitsGradParams, LogitsParams, acc_dtype
+from ._torch import LinearGradParams, LinearParams, LogitsGradParams, LogitsParams
 
 
 def _extra_reasons(impl: str, device: torch.device, dtype: torch.dtype | None) -> list[str]:

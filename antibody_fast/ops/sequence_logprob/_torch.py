@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._dtypes import acc_dtype
 from ._validate import to_rows
 
 
@@ -69,11 +70,6 @@ class LogitsGradParams:
     """Scalars of ``sequence_logprob_bwd``."""
 
     ignore_index: int
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------------------
