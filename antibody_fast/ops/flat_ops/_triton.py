@@ -111,6 +111,18 @@ def _sq_source(g, sq):
     return parts, parts, total, sq_dtype(g), True
 
 
+def _norm_pass_meta(x, sq_dtype, from_parts) -> dict:
+    """The compile-time arguments of an elementwise pass that reads the squared norm (perturb_, clip_)."""
+    return dict(
+        BLOCK=BLOCK_EW,
+        IS_FP64=_is_fp64(x),
+        SQ_FP64=sq_dtype == torch.float64,
+        FROM_PARTS=from_parts,
+        BLOCK_P=BLOCK_P,
+        num_warps=NUM_WARPS,
+    )
+
+
 def perturb_(theta, backup, g, sq, p: PerturbParams):
     """Without ``sq``: the partials, then one fused pass per group that sums them itself (2 launches for one
     group). Returns (the squared norm used, the nonfinite flag)."""
@@ -136,13 +148,8 @@ def perturb_(theta, backup, g, sq, p: PerturbParams):
             n,
             rho,
             eps,
-            BLOCK=BLOCK_EW,
-            IS_FP64=_is_fp64(t),
             WRITE_FLAG=i == 0,
-            SQ_FP64=sq_dtype == torch.float64,
-            FROM_PARTS=from_parts,
-            BLOCK_P=BLOCK_P,
-            num_warps=NUM_WARPS,
+            **_norm_pass_meta(t, sq_dtype, from_parts),
         )
     return sq_out, flag.view(torch.bool)
 
@@ -214,12 +221,7 @@ def clip_(g, sq, p: ClipParams):
             norm,
             n,
             max_norm,
-            BLOCK=BLOCK_EW,
-            IS_FP64=_is_fp64(x),
             WRITE_NORM=i == 0,
-            SQ_FP64=sq_dtype == torch.float64,
-            FROM_PARTS=from_parts,
-            BLOCK_P=BLOCK_P,
-            num_warps=NUM_WARPS,
+            **_norm_pass_meta(x, sq_dtype, from_parts),
         )
     return norm
