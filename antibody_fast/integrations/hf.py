@@ -165,6 +165,27 @@ class _AntibodyTrainerMixin:
         self._ab_sums: dict[str, torch.Tensor] = {}
         self._ab_counts: dict[str, torch.Tensor] = {}
 
+    @staticmethod
+    def _refuse_data_collator(kwargs: dict, trainer: str) -> None:
+        """The trainers build their own data collator: a given one raises, ``data_collator=None`` is dropped."""
+        if kwargs.get("data_collator") is not None:
+            raise ValueError(f"{trainer} builds its own data collator; do not pass data_collator")
+        kwargs.pop("data_collator", None)
+
+    def _init_trainer(
+        self, model, args, train_dataset, processing_class, data_collator, kwargs: dict
+    ) -> None:
+        """The Trainer's ``__init__`` with the Antibody data collator and indexed dataset, then the checks."""
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=_with_index(train_dataset),
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self._antibody_init()
+
     # ---- columns: keep the Antibody fields despite remove_unused_columns
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -223,6 +244,13 @@ class _AntibodyTrainerMixin:
             return None
         pending, self._ab_pending = self._ab_pending, []
         return pending
+
+    def _stepped(self, stats, values: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """After a step that applied the update itself: skip the Trainer's next ``optimizer.step()``, record
+        ``values`` for the log and return the loss the Trainer expects."""
+        self._ab_skip_optimizer_step = True
+        self._record(stats.grad_norm, values)
+        return stats.loss.detach().to(self.args.device)
 
     def _record(self, grad_norm: torch.Tensor, values: dict[str, torch.Tensor | None]) -> None:
         """Accumulate a step's 0-dim log values (device tensors; ``None`` ones skipped) until the next log."""
@@ -286,11 +314,7 @@ class AntibodyFinetuneTrainer(_AntibodyTrainerMixin, Trainer):
         max_length: int = 512,
         **kwargs,
     ):
-        if kwargs.get("data_collator") is not None:
-            raise ValueError(
-                "AntibodyFinetuneTrainer builds its own data collator; do not pass data_collator"
-            )
-        kwargs.pop("data_collator", None)
+        self._refuse_data_collator(kwargs, "AntibodyFinetuneTrainer")
         self.finetune_config = FinetuneConfig() if finetune_config is None else finetune_config
         if not isinstance(self.finetune_config, FinetuneConfig):
             raise TypeError(f"finetune_config must be a FinetuneConfig, got {type(finetune_config).__name__}")
@@ -298,15 +322,9 @@ class AntibodyFinetuneTrainer(_AntibodyTrainerMixin, Trainer):
         collator = FinetuneCollator(
             processing_class, refusals=refusals, max_length=max_length, pad_token_id=None
         )
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=_FinetuneDataCollator(collator),
-            train_dataset=_with_index(train_dataset),
-            processing_class=processing_class,
-            **kwargs,
+        self._init_trainer(
+            model, args, train_dataset, processing_class, _FinetuneDataCollator(collator), kwargs
         )
-        self._antibody_init()
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         pending = self._collect(inputs)
@@ -321,10 +339,9 @@ class AntibodyFinetuneTrainer(_AntibodyTrainerMixin, Trainer):
         stats = weighted_step(
             model, batches[0] if len(batches) == 1 else batches, self._inner_optimizer(), config
         )
-        self._ab_skip_optimizer_step = True
         w = stats.weights.detach()
-        self._record(
-            stats.grad_norm,
+        return self._stepped(
+            stats,
             {
                 "weight_harmful": stats.harmful_weight,
                 "weight_benign": stats.benign_weight,
@@ -333,7 +350,6 @@ class AntibodyFinetuneTrainer(_AntibodyTrainerMixin, Trainer):
                 "d_mean": stats.d.detach().mean(),
             },
         )
-        return stats.loss.detach().to(self.args.device)
 
 
 class AntibodyAlignmentTrainer(_AntibodyTrainerMixin, Trainer):
@@ -371,9 +387,7 @@ class AntibodyAlignmentTrainer(_AntibodyTrainerMixin, Trainer):
         harmful_seed: int | None = None,
         **kwargs,
     ):
-        if kwargs.get("data_collator") is not None:
-            raise ValueError(f"{type(self).__name__} builds its own data collator; do not pass data_collator")
-        kwargs.pop("data_collator", None)
+        self._refuse_data_collator(kwargs, type(self).__name__)
         self.align_config = AlignConfig(**self.default_align_config) if align_config is None else align_config
         if not isinstance(self.align_config, AlignConfig):
             raise TypeError(f"align_config must be an AlignConfig, got {type(align_config).__name__}")
@@ -384,15 +398,7 @@ class AntibodyAlignmentTrainer(_AntibodyTrainerMixin, Trainer):
         )
         seed = harmful_seed if harmful_seed is not None else (args.seed if args is not None else 42)
         self._align_collator = _AlignDataCollator(collator, harmful_dataset, seed)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=self._align_collator,
-            train_dataset=_with_index(train_dataset),
-            processing_class=processing_class,
-            **kwargs,
-        )
-        self._antibody_init()
+        self._init_trainer(model, args, train_dataset, processing_class, self._align_collator, kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         pending = self._collect(inputs)
@@ -408,9 +414,7 @@ class AntibodyAlignmentTrainer(_AntibodyTrainerMixin, Trainer):
         batch = batch.to(self._device())
         config = replace(self.align_config, max_grad_norm=self._max_grad_norm(), amp_dtype=self._amp_dtype())
         stats = align_step(model, batch, self._inner_optimizer(), self.align_state, config)
-        self._ab_skip_optimizer_step = True
-        self._record(stats.grad_norm, {k: getattr(stats, k) for k in _ALIGN_LOG_KEYS})
-        return stats.loss.detach().to(self.args.device)
+        return self._stepped(stats, {k: getattr(stats, k) for k in _ALIGN_LOG_KEYS})
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
