@@ -173,6 +173,13 @@ def _grads(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     }
 
 
+def _loss_and_grads(model: torch.nn.Module, batch: LMBatch, params: dict[str, torch.nn.Parameter]):
+    """One forward/backward pass: HF's loss on ``batch`` and the clones of ``params``' grads after it."""
+    loss = hf_loss(model, batch)
+    loss.backward()
+    return loss, _grads(params)
+
+
 def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=next(iter(a.values())).device)
     for n in a:
@@ -234,9 +241,7 @@ def reference_align_step(
 
     # pass 1: g_h at theta
     model.zero_grad(set_to_none=True)
-    loss_h = hf_loss(model, batch.harmful)
-    loss_h.backward()
-    g_h = _grads(params)
+    loss_h, g_h = _loss_and_grads(model, batch.harmful, params)
     norm_h = torch.sqrt(_dot(g_h, g_h))
 
     # perturb a deep copy of the whole model (the authors' approach)
@@ -249,26 +254,18 @@ def reference_align_step(
             p.sub_((scale * g_h[n].float()).to(p.dtype))
 
     # pass 2: g_p = grad L_H(theta')
-    loss_p = hf_loss(perturbed, batch.harmful)
-    loss_p.backward()
-    g_p = _grads(pparams)
+    loss_p, g_p = _loss_and_grads(perturbed, batch.harmful, pparams)
     perturbed.zero_grad(set_to_none=True)
     # pass 3: g_r = grad L_R(theta')
-    loss_r = hf_loss(perturbed, batch.refusal)
-    loss_r.backward()
-    g_r = _grads(pparams)
+    loss_r, g_r = _loss_and_grads(perturbed, batch.refusal, pparams)
     del perturbed, pparams  # "restore": the original parameters were never touched
 
     # pass 4: g_a at theta
     model.zero_grad(set_to_none=True)
-    loss_a = hf_loss(model, batch.align)
-    loss_a.backward()
-    g_a = _grads(params)
+    loss_a, g_a = _loss_and_grads(model, batch.align, params)
     # pass 5: L_H at theta again, for the sharpness L_H(theta) - L_H(theta')
     model.zero_grad(set_to_none=True)
-    loss_h2 = hf_loss(model, batch.harmful)
-    loss_h2.backward()
-    g_h2 = _grads(params)
+    loss_h2, g_h2 = _loss_and_grads(model, batch.harmful, params)
     model.zero_grad(set_to_none=True)
     g_s = {n: g_h2[n] - g_p[n] for n in params}
 
