@@ -54,17 +54,17 @@ import torch
 from ._loop import Batches
 from .methods import ALIGNMENT_OF, METHOD_LABELS
 from .plots import plot as plot_toy
-from .plots import plot_summary, pyplot, save_figure
+from .plots import pyplot, save_figure
 from .real_config import CALIBRATION_FILE, DEFAULT_METHODS, RealConfig, load_calibration
 from .real_train import RealRunner, evaluate, generate, make_data, merge_adapter
 from .report import (
     config_dict,
-    format_summary_table,
     machine_info,
     markdown_table,
     run_report,
-    seed_summary,
+    run_seeds,
     write_report,
+    write_seed_report,
 )
 
 
@@ -236,25 +236,14 @@ def run(cfg: RealConfig, log: Callable[[str], None] = print, *, model_and_tokeni
         if len(seeds) == 1:
             return _run_one(replace(cfg, seed=seeds[0], seeds=()), seeds[0], base, tok, log)
         os.makedirs(cfg.out, exist_ok=True)
-        reports = []
-        for k in seeds:
-            log(f"\n=== seed {k} ===")
-            sub = replace(cfg, seed=k, seeds=(), out=os.path.join(cfg.out, f"seed_{k}"))
-            reports.append(_run_one(sub, k, base, tok, log))
+        reports = run_seeds(cfg, seeds, lambda sub, seed: _run_one(sub, seed, base, tok, log), log)
     finally:
         torch.set_num_threads(threads)
     c0 = reports[0]["config"]
     cfg = replace(cfg, finetune_lr=c0["finetune_lr"], steps=c0["steps"])
-    summary = seed_summary(cfg, seeds, reports, time.perf_counter() - t_start)
-    table = format_summary_table(summary["methods"])
-    md = [
-        "# antibody_fast demo: SmolLM2-135M-Instruct, several seeds",
-        "",
-        f"Seeds {', '.join(map(str, seeds))}; {_scenario(cfg)}. Per-seed reports and plots: `seed_<k>/`.",
-        "",
-        table,
-    ]
-    return write_report(cfg, summary, md, table, plot_summary, log, " and seed_<k>/")
+    wall_s = time.perf_counter() - t_start
+    title = "antibody_fast demo: SmolLM2-135M-Instruct, several seeds"
+    return write_seed_report(cfg, seeds, reports, wall_s, title, _scenario(cfg), log)
 
 
 __all__ = [

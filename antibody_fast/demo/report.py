@@ -7,10 +7,11 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ..info import environment
 from .methods import ADAPTER_MODE_OF, METHOD_LABELS
+from .plots import plot_summary
 
 
 def machine_info(cfg) -> dict:
@@ -160,3 +161,30 @@ def seed_summary(cfg, seeds, reports: list[dict], wall_s: float) -> dict:
         "per_seed": [os.path.join(f"seed_{k}", "report.json") for k in seeds],
         "wall_s": wall_s,
     }
+
+
+def run_seeds(cfg, seeds, run_one: Callable[[object, int], dict], log: Callable[[str], None]) -> list[dict]:
+    """The reports of ``run_one(config, seed)`` for each seed, each run with its own ``cfg.out/seed_<k>/``."""
+    reports = []
+    for k in seeds:
+        log(f"\n=== seed {k} ===")
+        sub = replace(cfg, seed=k, seeds=(), out=os.path.join(cfg.out, f"seed_{k}"))
+        reports.append(run_one(sub, k))
+    return reports
+
+
+def write_seed_report(
+    cfg, seeds, reports: list[dict], wall_s: float, title: str, scenario: str, log: Callable[[str], None]
+) -> dict:
+    """Write the :func:`seed_summary` of the per-seed ``reports`` (``report.md`` headed ``title``, the summary
+    plot, ``report.json``) into ``cfg.out``; returns the summary."""
+    summary = seed_summary(cfg, seeds, reports, wall_s)
+    table = format_summary_table(summary["methods"])
+    md = [
+        f"# {title}",
+        "",
+        f"Seeds {', '.join(map(str, seeds))}; {scenario}. Per-seed reports and plots: `seed_<k>/`.",
+        "",
+        table,
+    ]
+    return write_report(cfg, summary, md, table, plot_summary, log, " and seed_<k>/")

@@ -58,15 +58,16 @@ import torch
 
 from .config import DemoConfig
 from .methods import ABLATIONS, ADAPTER_MODE_OF, ALL_METHODS, DEFAULT_METHODS, METHODS
-from .plots import plot, plot_summary
+from .plots import plot
 from .report import (
     config_dict,
     format_summary_table,
     format_table,
     machine_info,
     run_report,
-    seed_summary,
+    run_seeds,
     write_report,
+    write_seed_report,
 )
 from .train import Runner, build_model, evaluate, greedy, harmful_and_user_scores, make_data
 
@@ -82,21 +83,11 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
         return _run_one(replace(cfg, seed=seeds[0], seeds=()), log)
     os.makedirs(cfg.out, exist_ok=True)
     t_start = time.perf_counter()
-    reports = []
-    for k in seeds:
-        log(f"\n=== seed {k} ===")
-        sub = replace(cfg, seed=k, seeds=(), out=os.path.join(cfg.out, f"seed_{k}"))
-        reports.append(_run_one(sub, log))
-    summary = seed_summary(cfg, seeds, reports, time.perf_counter() - t_start)
-    table = format_summary_table(summary["methods"])
-    md = [
-        "# antibody_fast demo: several seeds",
-        "",
-        f"Seeds {', '.join(map(str, seeds))}; {_scenario(cfg)}. Per-seed reports and plots: `seed_<k>/`.",
-        "",
-        table,
-    ]
-    return write_report(cfg, summary, md, table, plot_summary, log, " and seed_<k>/")
+    reports = run_seeds(cfg, seeds, lambda sub, _seed: _run_one(sub, log), log)
+    wall_s = time.perf_counter() - t_start
+    return write_seed_report(
+        cfg, seeds, reports, wall_s, "antibody_fast demo: several seeds", _scenario(cfg), log
+    )
 
 
 def _scenario(cfg: DemoConfig) -> str:
