@@ -157,8 +157,9 @@ def _cycles() -> list[list[str]]:
 
 def test_no_import_cycles():
     cycles = _cycles()
-    assert not cycles, "import cycles (each line: modules that import each other, directly or not):\n" + "\n".join(
-        " <-> ".join(c) for c in cycles
+    assert not cycles, (
+        "import cycles (each line: modules that import each other, directly or not):\n"
+        + "\n".join(" <-> ".join(c) for c in cycles)
     )
 
 
