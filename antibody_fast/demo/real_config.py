@@ -29,7 +29,7 @@ class RealConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     samples: int = 160  # user fine-tuning set
     steps: int | None = None  # fine-tuning steps (None: calibrated)
-    align_steps: int = 20
+    align_steps: int = 40  # chosen on SFT alone: benchmarks/results/smollm2_align_calibration.json
     align_samples: int = 160  # A and H sizes
     batch_size: int = 8
     align_lr: float = 5e-4  # the paper's
