@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import torch
 
@@ -202,7 +203,10 @@ def add_lora(
         task_type="CAUSAL_LM",
         init_lora_weights=not random_init,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing`` (transformers >= 5.2x warns); the
+        # warning is peft's, not something the caller can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     return peft_model
