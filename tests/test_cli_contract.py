@@ -73,6 +73,7 @@ def _expect_exit2(capsys, command, argv, match, out=None, written_before=None):
         ("weight decay 1e30", ["--weight-decay", "1e30"], "weight-decay"),
         ("triton on cpu", ["--impl", "triton", "--device", "cpu"], "triton"),
         ("device mps", ["--device", "mps"], "mps"),
+        ("amp fp16 (no grad scaler)", ["--amp", "fp16"], "grad scaler"),
     ],
 )
 def test_bad_align_options_exit2_nothing_written(env, tmp_path, capsys, name, argv_extra, match):
@@ -83,6 +84,11 @@ def test_bad_align_options_exit2_nothing_written(env, tmp_path, capsys, name, ar
             pytest.skip("triton is installed: --impl triton runs on the CPU through its interpreter")
     out = tmp_path / "out"
     _expect_exit2(capsys, "align", _align(env, out, *argv_extra), match, out=str(out), written_before=None)
+
+
+def test_amp_fp16_refused_by_finetune_too(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    _expect_exit2(capsys, "finetune", _finetune(env, out, "--amp", "fp16"), "grad scaler", str(out), None)
 
 
 def test_non_utf8_and_deep_json_exit2(env, tmp_path, capsys):
