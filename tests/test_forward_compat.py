@@ -161,3 +161,16 @@ def test_prefix_cache_fallback_says_so_once_with_the_reason(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         weighted_step(model, make_finetune_batch(4, seed=2), opt)  # no second message
+
+
+def test_add_lora_and_load_adapter_raise_no_deprecation_warning(tmp_path):
+    """peft's read of transformers' deprecated ``is_gradient_checkpointing`` is not passed on to our callers."""
+    from antibody_fast import models
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        m = models.add_lora(models.tiny_llama(vocab_size=128, seed=0), r=2)
+        m.save_pretrained(tmp_path / "adapter")
+        models.load_adapter(models.tiny_llama(vocab_size=128, seed=0), tmp_path / "adapter")
+        models.merge_adapter(models.tiny_llama(vocab_size=128, seed=0), tmp_path / "adapter")
