@@ -109,6 +109,23 @@ def test_read_only_output_exit2(env, tmp_path, capsys):
         ro.chmod(0o700)
 
 
+def test_unwritable_output_exit2_simulated(env, tmp_path, capsys, monkeypatch):
+    """The read-only ``--output`` case where directory permissions cannot be used (root ignores them): the
+    directory creation fails with EACCES, as it would there."""
+    import errno
+
+    target = str(tmp_path / "ro" / "out")
+    real = os.makedirs
+
+    def denied(path, *a, **k):
+        if os.fspath(path) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", target)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "makedirs", denied)
+    _expect_exit2(capsys, "align", _align(env, target), "permission", out=target, written_before=None)
+
+
 def test_second_run_into_same_output_exit2(env, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
