@@ -91,6 +91,18 @@ def test_amp_fp16_refused_by_finetune_too(env, tmp_path, capsys):
     _expect_exit2(capsys, "finetune", _finetune(env, out, "--amp", "fp16"), "grad scaler", str(out), None)
 
 
+def test_impl_triton_without_triton_exit2_simulated(env, tmp_path, capsys, monkeypatch):
+    """``--impl triton`` where triton cannot run (simulated: on this machine triton is installed and runs on
+    the CPU through its interpreter): exit 2, one line, nothing written."""
+    from antibody_fast import dispatch
+
+    monkeypatch.setattr(
+        dispatch, "_triton_import_error", lambda: "triton is not importable (ModuleNotFoundError: simulated)"
+    )
+    out = tmp_path / "out"
+    _expect_exit2(capsys, "align", _align(env, out, "--impl", "triton"), "triton", str(out), None)
+
+
 def test_non_utf8_and_deep_json_exit2(env, tmp_path, capsys):
     out = tmp_path / "out"
     _expect_exit2(capsys, "finetune", _finetune(env, out, task_data=env["latin1"]), "utf", str(out), None)
