@@ -10,6 +10,9 @@ One place for what every training module needs to know about an HF causal LM (do
 * **Trunk and head.** :func:`get_trunk_and_head` splits the model into the decoder trunk (final hidden state),
   the linear lm_head and the logit soft-cap; :func:`parts` caches that split per model, :func:`head_args`
   gives the lm_head weight / bias in the loss dtype and :func:`last_hidden` reads a trunk's output.
+* **Key/value cache names.** :func:`cache_argument` is the name under which a trunk's ``forward`` takes the
+  cache (``cache`` in newer transformers, ``past_key_values`` before), read once from its signature and
+  cached; :func:`output_cache` reads the cache an output returned under either name.
 * **Attention blocks** (Vaccine perturbs their outputs): :func:`find_attention_modules`,
   :func:`attention_output`, :func:`replace_attention_output`.
 
@@ -18,8 +21,9 @@ Caches are weak (keyed on the model), so they never keep a model alive. transfor
 
 from __future__ import annotations
 
+import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from torch import nn
 __all__ = [
     "Parts",
     "attention_output",
+    "cache_argument",
     "find_attention_modules",
     "flat_parameters",
     "get_trunk_and_head",
@@ -34,6 +39,7 @@ __all__ = [
     "last_hidden",
     "model_device",
     "named_trainable",
+    "output_cache",
     "parts",
     "replace_attention_output",
     "trainable_params",
@@ -168,6 +174,8 @@ class Parts:
     lm_head: nn.Module
     softcap: float | None
     cache_ok: bool = True  # False once the model returned no (or an unsupported) key/value cache
+    cache_arg: str | None = None  # the trunk's name for the key/value cache argument (cache_argument)
+    warned: set[str] = field(default_factory=set)  # one-time messages already given for this model
 
 
 _PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -192,6 +200,29 @@ def head_args(lm_head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, tor
         w = w.to(dtype)
         b = None if b is None else b.to(dtype)
     return w, b
+
+
+def cache_argument(p: Parts) -> str:
+    """The keyword under which ``p.trunk.forward`` takes the key/value cache: ``"cache"`` when its signature
+    names it (newer transformers, where ``past_key_values`` is a deprecated alias), else
+    ``"past_key_values"`` (older transformers, and any forward whose signature cannot be read). Read from the
+    signature once per model, never from a version string."""
+    if p.cache_arg is None:
+        try:
+            names = inspect.signature(p.trunk.forward).parameters
+        except (TypeError, ValueError):
+            names = {}
+        p.cache_arg = "cache" if "cache" in names else "past_key_values"
+    return p.cache_arg
+
+
+def output_cache(out):
+    """The key/value cache a trunk returned: ``out.cache`` where the output has that field (newer
+    transformers; its ``past_key_values`` alias is then not touched), else ``out.past_key_values``, else
+    ``None`` (a tuple output, or no cache)."""
+    if hasattr(out, "cache"):
+        return out.cache
+    return getattr(out, "past_key_values", None)
 
 
 def last_hidden(out) -> torch.Tensor:

@@ -17,9 +17,11 @@ transformers and peft are imported lazily inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import warnings
 
 import torch
 
@@ -202,10 +204,20 @@ def add_lora(
         task_type="CAUSAL_LM",
         init_lora_weights=not random_init,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _peft_quiet():
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     return peft_model
+
+
+@contextlib.contextmanager
+def _peft_quiet():
+    """peft's ``PeftModel`` reads transformers' deprecated ``is_gradient_checkpointing`` (transformers >= 5.2x
+    warns on it): that FutureWarning is peft's, not something our caller can act on, so exactly it is
+    silenced while peft wraps the model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _check_adapter_dir(path) -> str:
@@ -235,7 +247,8 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = True) -> torch.
         )
     for p in model.parameters():
         p.requires_grad_(False)
-    peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    with _peft_quiet():
+        peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
     if trainable and not any(p.requires_grad for p in peft_model.parameters()):  # pragma: no cover - peft
         raise ValueError(f"load_adapter: {path!r} gave no trainable parameter")
     return peft_model
@@ -248,7 +261,8 @@ def merge_adapter(model: torch.nn.Module, path) -> torch.nn.Module:
     from peft import PeftModel
 
     path = _check_adapter_dir(path)
-    return PeftModel.from_pretrained(model, path).merge_and_unload()
+    with _peft_quiet():
+        return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
 def write_adapter_metadata(path, **fields) -> None:

@@ -193,6 +193,17 @@ def test_bad_options_fail_before_running(tmp_path, capsys):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "soon"])
+def test_time_limit_must_be_a_positive_number_of_seconds(tmp_path, capsys, value):
+    (tmp_path / "bench_x.py").write_text("def test_x(benchmark):\n    benchmark(int)\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bench-dir", str(tmp_path), "--device", "cpu", "--time-limit", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--time-limit" in err and "Traceback" not in err, err
+    assert not (tmp_path / "results").exists()
+
+
 TOY_BENCH = """
 import pytest
 import torch

@@ -73,6 +73,7 @@ def _expect_exit2(capsys, command, argv, match, out=None, written_before=None):
         ("weight decay 1e30", ["--weight-decay", "1e30"], "weight-decay"),
         ("triton on cpu", ["--impl", "triton", "--device", "cpu"], "triton"),
         ("device mps", ["--device", "mps"], "mps"),
+        ("amp fp16 (no grad scaler)", ["--amp", "fp16"], "grad scaler"),
     ],
 )
 def test_bad_align_options_exit2_nothing_written(env, tmp_path, capsys, name, argv_extra, match):
@@ -83,6 +84,23 @@ def test_bad_align_options_exit2_nothing_written(env, tmp_path, capsys, name, ar
             pytest.skip("triton is installed: --impl triton runs on the CPU through its interpreter")
     out = tmp_path / "out"
     _expect_exit2(capsys, "align", _align(env, out, *argv_extra), match, out=str(out), written_before=None)
+
+
+def test_amp_fp16_refused_by_finetune_too(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    _expect_exit2(capsys, "finetune", _finetune(env, out, "--amp", "fp16"), "grad scaler", str(out), None)
+
+
+def test_impl_triton_without_triton_exit2_simulated(env, tmp_path, capsys, monkeypatch):
+    """``--impl triton`` where triton cannot run (simulated: on this machine triton is installed and runs on
+    the CPU through its interpreter): exit 2, one line, nothing written."""
+    from antibody_fast import dispatch
+
+    monkeypatch.setattr(
+        dispatch, "_triton_import_error", lambda: "triton is not importable (ModuleNotFoundError: simulated)"
+    )
+    out = tmp_path / "out"
+    _expect_exit2(capsys, "align", _align(env, out, "--impl", "triton"), "triton", str(out), None)
 
 
 def test_non_utf8_and_deep_json_exit2(env, tmp_path, capsys):
@@ -101,6 +119,23 @@ def test_read_only_output_exit2(env, tmp_path, capsys):
         _expect_exit2(capsys, "align", _align(env, ro / "out"), "permission")
     finally:
         ro.chmod(0o700)
+
+
+def test_unwritable_output_exit2_simulated(env, tmp_path, capsys, monkeypatch):
+    """The read-only ``--output`` case where directory permissions cannot be used (root ignores them): the
+    directory creation fails with EACCES, as it would there."""
+    import errno
+
+    target = str(tmp_path / "ro" / "out")
+    real = os.makedirs
+
+    def denied(path, *a, **k):
+        if os.fspath(path) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", target)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "makedirs", denied)
+    _expect_exit2(capsys, "align", _align(env, target), "permission", out=target, written_before=None)
 
 
 def test_second_run_into_same_output_exit2(env, tmp_path, capsys):

@@ -363,3 +363,31 @@ def test_guard_backups_do_not_grow_across_optimizer_reloads():
     g = guard_mod.peek_guard(opt)
     n_state = sum(len(s) for s in opt.state.values())
     assert len(g._state_backup) == n_state
+
+
+class _FailingAdamW(torch.optim.AdamW):
+    fail = False
+
+    def step(self, closure=None):
+        if self.fail:
+            raise RuntimeError("optimizer step failed")
+        return super().step(closure)
+
+
+def test_failing_optimizer_step_leaves_align_state_unchanged():
+    """An exception from ``optimizer.step`` inside ``align_step``: ``AlignState`` (step count and λ EMA) is
+    not advanced, and the next step runs as if the failed one never happened."""
+    model = tiny_model("llama")
+    opt = _FailingAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    state, cfg = AlignState(), AlignConfig()
+    align_step(model, make_align_batch(seed=1), opt, state, cfg)
+    assert state.step == 1 and state.lambda_ema is not None
+    step, ema = state.step, state.lambda_ema.clone()
+    opt.fail = True
+    with pytest.raises(RuntimeError, match="optimizer step failed"):
+        align_step(model, make_align_batch(seed=2), opt, state, cfg)
+    assert state.step == step, "the failed step advanced AlignState.step"
+    assert torch.equal(state.lambda_ema, ema), "the failed step changed the lambda EMA"
+    opt.fail = False
+    st = align_step(model, make_align_batch(seed=3), opt, state, cfg)
+    assert state.step == step + 1 and not bool(st.skipped)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import re
 import shlex
@@ -153,6 +154,17 @@ def pytest_command(
     return cmd + list(extra)
 
 
+def _positive_seconds(text: str) -> float:
+    """``--time-limit``'s type: a finite number of seconds > 0 (argparse turns the error into exit 2)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="antibody-fast bench",
@@ -191,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", metavar="STEM", help="file stem instead of <device-slug>-<date>[-quick]")
     p.add_argument(
         "--time-limit",
-        type=float,
+        type=_positive_seconds,
         metavar="SECONDS",
         help="interrupt the suites after SECONDS and report the cases that finished",
     )

@@ -28,8 +28,10 @@ def progress_bar(total: int, initial: int, desc: str, *, disable: bool):
 def user_errors() -> tuple:
     """The exceptions the CLI reports as a one-line message with exit 2 (no traceback): user errors and the
     library's typed errors. ValueError covers UnicodeDecodeError, json errors, CheckpointMismatchError and
-    NonFiniteCheckpointError; OSError covers a read-only --output and a full disk."""
+    NonFiniteCheckpointError; OSError covers a read-only --output and a full disk; ImplUnavailableError is an
+    ``--impl`` that cannot run an op (checked up front, this is the net for a dtype-specific case)."""
     from ..data.loaders import DataError
+    from ..dispatch import ImplUnavailableError
     from ..flat import StaleFlatParametersError
     from ..guard import NonFiniteError
 
@@ -41,6 +43,7 @@ def user_errors() -> tuple:
         RecursionError,
         NonFiniteError,
         StaleFlatParametersError,
+        ImplUnavailableError,
     )
 
 

@@ -196,7 +196,8 @@ class TrainOptions(CommonOptions):
     amp: str = _opt(
         str,
         "auto",
-        "autocast dtype (auto: bf16 on cuda with float32 weights, else none; antibody/booster/sft only)",
+        "autocast dtype (auto: bf16 on cuda with float32 weights, else none; antibody/booster/sft only; fp16 "
+        "is refused: the steps use no grad scaler)",
         choices=("auto", "none", "bf16", "fp16"),
     )
     lora_r: int = _opt(int, 8, "LoRA rank of a fresh adapter")
@@ -251,6 +252,11 @@ class TrainOptions(CommonOptions):
         a = self.lora_alpha
         if a is not None and not (math.isfinite(a) and a > 0):
             raise CLIError(f"--lora-alpha must be a finite number > 0, got {a}")
+        if self.amp == "fp16":  # as the HF trainers (fp16=True is refused there too)
+            raise CLIError(
+                "--amp fp16: float16 mixed precision needs a grad scaler, which the steps do not use; "
+                "use --amp bf16, or --amp none"
+            )
 
     def apply_method(self, sources: dict) -> None:
         """Reject options the chosen ``--method`` does not read (when given explicitly)."""

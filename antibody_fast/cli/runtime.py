@@ -21,6 +21,7 @@ __all__ = [
     "init_distributed",
     "sync_trainable",
     "training_device",
+    "check_impl",
     "amp_dtype",
 ]
 
@@ -130,8 +131,23 @@ def training_device(opts: TrainOptions):
     check_model_source(opts.model)
     check_adapters(opts.adapter)
     device = init_distributed(resolve_device(opts.device))
+    check_impl(opts.impl, device)
     torch.manual_seed(opts.seed)
     return device
+
+
+def check_impl(impl: str, device) -> None:
+    """``--impl`` other than ``auto`` must be able to run every fused op of the steps on ``device``; else a
+    :class:`~antibody_fast.cli.console.CLIError` naming the reasons, before anything is written."""
+    if impl == "auto":
+        return
+    from .. import ops  # noqa: F401  (registers the ops)
+    from ..dispatch import not_supported_reasons, registered_ops
+
+    for op in registered_ops():
+        reasons = not_supported_reasons(op, impl, device)
+        if reasons:
+            raise CLIError(f"--impl {impl} cannot run {op} on {device}: {'; '.join(reasons)}")
 
 
 def amp_dtype(opts: TrainOptions, device):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import random
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -192,15 +191,9 @@ class Runner:
 
         model = build_model(self.cfg)
         model.load_state_dict(state)
-        with warnings.catch_warnings():  # peft asks transformers 5.x a deprecated attribute
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = add_lora(
-                model,
-                r=self.cfg.lora_rank,
-                alpha=self.cfg.lora_alpha,
-                targets=LORA_TARGETS,
-                seed=self.cfg.seed,
-            )
+        model = add_lora(
+            model, r=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, targets=LORA_TARGETS, seed=self.cfg.seed
+        )
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if adapter is not None:
             if adapter.keys() != params.keys():  # pragma: no cover - same config both stages

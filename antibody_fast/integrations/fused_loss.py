@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from .._model import get_trunk_and_head, head_args, last_hidden, unwrap_ddp, unwrap_peft
+from .._model import get_trunk_and_head, head_args, last_hidden, output_cache, unwrap_ddp, unwrap_peft
 
 __all__ = [
     "use_fused_loss",
@@ -302,10 +302,13 @@ def _fused_forward(trunk, lm_head, softcap, impl: str, kwargs: dict[str, Any]):
         softcap=softcap,
         impl=impl,
     )
+    # the cache under the output class's own field name (``cache`` in newer transformers)
+    fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    cache_field = "cache" if "cache" in fields else "past_key_values"
     return CausalLMOutputWithPast(
         loss=loss,
         logits=None,
-        past_key_values=getattr(out, "past_key_values", None),
         hidden_states=getattr(out, "hidden_states", None),
         attentions=getattr(out, "attentions", None),
+        **{cache_field: output_cache(out)},
     )

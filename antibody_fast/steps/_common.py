@@ -10,7 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._model import Parts, flat_parameters, head_args, last_hidden, model_device, parts, unwrap_ddp
+from .._model import (
+    Parts,
+    cache_argument,
+    flat_parameters,
+    head_args,
+    last_hidden,
+    model_device,
+    output_cache,
+    parts,
+    unwrap_ddp,
+)
 from ..data.batch import LMBatch
 from ..distributed import all_reduce_sum, is_distributed
 
@@ -35,16 +45,22 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def trunk_forward(parts: Parts, input_ids, attention_mask, position_ids, *, use_cache: bool, past=None):
-    """The decoder trunk's ``(hidden [B, T, H], key/value cache or None)``."""
+    """The decoder trunk's ``(hidden [B, T, H], key/value cache or None)``.
+
+    ``past`` is passed only when there is one, under the name the trunk's signature uses (``cache`` in newer
+    transformers, ``past_key_values`` before: :func:`~antibody_fast._model.cache_argument`)."""
+    kwargs = {}
+    if past is not None:
+        kwargs[cache_argument(parts)] = past
     out = parts.trunk(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past,
         use_cache=use_cache,
+        **kwargs,
     )
     hidden = last_hidden(out)
-    cache = getattr(out, "past_key_values", None) if use_cache else None
+    cache = output_cache(out) if use_cache else None
     return hidden, cache
 
 

@@ -6,6 +6,7 @@ reused).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,6 +126,12 @@ def _weighted_loss(model, parts: Parts, batch: FinetuneBatch, config: FinetuneCo
     p = batch.prompt_len
     scoring = config.refusal_scoring
     use_cache = scoring == "prefix_cache" and parts.cache_ok and not _gradient_checkpointing(parts)
+    if scoring == "prefix_cache" and parts.cache_ok and not use_cache:
+        _say_fallback(
+            parts,
+            "checkpointing",
+            "activation checkpointing is on in training mode, and transformers then returns no cache",
+        )
     if not use_cache:
         scoring = "full"
     with autocast(device, config.amp_dtype):
@@ -225,6 +232,20 @@ def sft_step(
 # ----------------------------------------------------------------------------------------------------------
 # refusal scoring (no grad): a continuation of the prompt's key/value cache, or a full forward
 # ----------------------------------------------------------------------------------------------------------
+def _say_fallback(parts: Parts, key: str, reason: str) -> None:
+    """Warn, once per model and reason, that the refusals are scored by a full forward instead of a
+    continuation of the prompt's key/value cache (same result, slower)."""
+    if key in parts.warned:
+        return
+    parts.warned.add(key)
+    warnings.warn(
+        "weighted_step: refusal_scoring='prefix_cache' falls back to a full forward for the refusals because "
+        f"{reason}; the result is the same, only slower (said once per model)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def _gradient_checkpointing(parts: Parts) -> bool:
     """HF decoders drop ``use_cache`` when activation checkpointing is on in training mode."""
     return bool(getattr(parts.trunk, "gradient_checkpointing", False)) and parts.trunk.training
@@ -278,8 +299,24 @@ def _refusal_rows(
             # the first refusal token is predicted by the prompt's last column of the training forward
             rows = torch.cat([hidden[:, p - 1 : p].detach(), h_r[:, :-1].to(hidden.dtype)], dim=1)
         else:
-            if scoring == "prefix_cache" and not _cache_supported(cache):
+            if scoring == "prefix_cache" and cache is None:
                 parts.cache_ok = False  # structural: remember it and skip use_cache from now on
+                _say_fallback(parts, "no-cache", "the model returned no key/value cache")
+            elif scoring == "prefix_cache" and not _cache_supported(cache):
+                parts.cache_ok = False
+                _say_fallback(
+                    parts,
+                    "cache-type",
+                    f"the model's key/value cache is a {type(cache).__name__}, not a DynamicCache of "
+                    "DynamicLayers",
+                )
+            elif scoring == "prefix_cache":
+                _say_fallback(
+                    parts,
+                    "crop",
+                    "the cache cannot be cut back to the prompt exactly (a sliding-window layer's window is "
+                    "reached by the sequence or the refusal, or the cache does not hold the whole sequence)",
+                )
             view = batch.refusal_view()
             h_full, _ = trunk_forward(
                 parts, view.input_ids, view.attention_mask, view.position_ids, use_cache=False
