@@ -104,7 +104,7 @@ def _lm_head_variants() -> list[Variant]:
                 lab = f"{p[1:]} bias={int(bias)} cap={int(cap)}"
                 fwd_args = dict(
                     H_ptr=p, W_ptr=p, B_ptr=p, T_ptr="*i64", PERM_ptr="*i64", NROWS_ptr="*i32", PM_ptr="*fp32",
-                    PL_ptr="*fp32", ZT_ptr="*fp32", K=H, V=V, v_chunk=chunk, stride_hm=H, stride_hk=1,
+                    PL_ptr="*fp32", PT_ptr="*fp32", ZT_ptr="*fp32", K=H, V=V, v_chunk=chunk, stride_hm=H, stride_hk=1,
                     stride_wv=H, stride_wk=1, stride_p=N, softcap="fp32",
                 )  # fmt: skip
                 dz_args = dict(
@@ -113,7 +113,25 @@ def _lm_head_variants() -> list[Variant]:
                     stride_hk=1, stride_wv=H, stride_wk=1, stride_dz=dz_w, softcap="fp32",
                 )  # fmt: skip
                 for i, cfg in enumerate(cfgs["fwd"]):
-                    add("_linear_fwd_kernel", lab, fwd_args, flags, cfg, tc, i == 0 and bias and cap)
+                    add(
+                        "_linear_fwd_kernel",
+                        lab,
+                        fwd_args,
+                        {**flags, "STATS": False},
+                        cfg,
+                        tc,
+                        i == 0 and bias and cap,
+                    )
+                    if i == 0 and not bias:  # per-token statistics (TRL's fused-head slot): first config only
+                        add(
+                            "_linear_fwd_kernel",
+                            lab + " stats",
+                            fwd_args,
+                            {**flags, "STATS": True},
+                            cfg,
+                            tc,
+                            False,
+                        )
                 for i, cfg in enumerate(cfgs["dz"]):
                     add("_linear_dz_kernel", lab, dz_args, flags, cfg, tc, i == 0 and bias and cap)
         dh_args = dict(
@@ -141,21 +159,23 @@ def _lm_head_variants() -> list[Variant]:
                 )
     BR, BC, warps = slp.COMBINE_BLOCKS["cuda"]
     comb_args = dict(
-        PM_ptr="*fp32", PL_ptr="*fp32", ZT_ptr="*fp32", T_ptr="*i64", SID_ptr="*i64", PERM_ptr="*i64",
-        NROWS_ptr="*i32", LSE_ptr="*fp32", LP_ptr="*fp32", n_chunks=18, stride_p=N, V=V,
+        PM_ptr="*fp32", PL_ptr="*fp32", PT_ptr="*fp32", ZT_ptr="*fp32", T_ptr="*i64", SID_ptr="*i64",
+        PERM_ptr="*i64", NROWS_ptr="*i32", LSE_ptr="*fp32", LP_ptr="*fp32", ENT_ptr="*fp32", TOP_ptr="*i8",
+        n_chunks=18, stride_p=N, V=V,
     )  # fmt: skip
-    out.append(
-        _variant(
-            m,
-            "_lse_combine_kernel",
-            f"BR{BR} BC{BC} w{warps}",
-            comb_args,
-            dict(BLOCK_R=BR, BLOCK_C=BC),
-            warps,
-            3,
-            "lm_head",
-        )  # fmt: skip
-    )
+    for stats in (False, True):
+        out.append(
+            _variant(
+                m,
+                "_lse_combine_kernel",
+                f"BR{BR} BC{BC} w{warps}" + (" stats" if stats else ""),
+                comb_args,
+                dict(STATS=stats, BLOCK_R=BR, BLOCK_C=BC),
+                warps,
+                3,
+                "lm_head",
+            )  # fmt: skip
+        )
     return out
 
 

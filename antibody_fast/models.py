@@ -31,6 +31,7 @@ __all__ = [
     "ADAPTER_MODES",
     "ADAPTER_METADATA",
     "add_lora",
+    "byte_tokenizer",
     "get_trunk_and_head",
     "load_adapter",
     "merge_adapter",
@@ -166,6 +167,34 @@ def tiny_gemma2(
         sliding_window=sliding_window,
     )
     return _build(config, seed, dtype)
+
+
+BYTE_VOCAB_SIZE = 259
+"""Vocabulary size of :func:`byte_tokenizer` (``<pad>``, ``<s>``, ``</s>`` and the 256 bytes)."""
+
+
+def byte_tokenizer():
+    """A tiny byte-level tokenizer built offline (no hub): every UTF-8 byte is one token (a BPE model without
+    merges over the 256 byte-level symbols), plus ``<pad>`` = 0, ``<s>`` = 1 (prepended) and ``</s>`` = 2, the
+    special ids of :func:`tiny_llama`'s config. Vocabulary :data:`BYTE_VOCAB_SIZE` (259); left padding. A
+    ``transformers.PreTrainedTokenizerFast`` (needs ``tokenizers`` and ``transformers``), for examples and tests
+    with the tiny models; it has no chat template."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for sym in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[sym] = len(vocab)
+    if len(vocab) != BYTE_VOCAB_SIZE:  # pragma: no cover - a tokenizers release with another byte alphabet
+        raise RuntimeError(f"byte_tokenizer: expected {BYTE_VOCAB_SIZE} symbols, got {len(vocab)}")
+    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
 
 
 def add_lora(

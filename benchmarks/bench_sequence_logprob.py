@@ -16,13 +16,17 @@ Providers:
   Triton on CUDA) with the default frozen-weight strategy (``precompute``);
 * ``ours-recompute``: the same with ``ANTIBODY_FAST_FROZEN_STRATEGY=recompute`` (backward recomputes the
   logit tiles), to compare the two strategies on the device;
+* ``ours-token-stats``: :func:`~antibody_fast.ops.sequence_logprob.linear_token_logprob` with ``stats=True``
+  (per-token log-probs plus entropy and top-1 flag, what :func:`antibody_fast.integrations.trl.use_fused_head`
+  computes in TRL's slot), summed per sequence;
 * ``torch-reference``: materialised ``hidden @ W.T`` -> ``log_softmax`` -> gather -> segment sum;
 * ``torch-compile-chunked``: ``torch.compile`` of the chunked pure-torch version;
 * ``liger``: Liger-Kernel's fused linear cross-entropy (``reduction="none"``), CUDA only, when installed;
 * ``cce``: cut-cross-entropy's ``linear_cross_entropy`` (``reduction="none"``), CUDA only, when installed;
 * ``trl-chunked``: TRL's fused LM head kernel (``trl.kernels.ChunkedLogProbFunction``, what ``SFTTrainer``
   computes its loss with since TRL 1.0: cuBLAS tiles folded by Triton on GPU, by torch ops elsewhere) on the
-  scored rows, log-probs only, TRL's own chunk size; when TRL is installed;
+  scored rows, log-probs only, TRL's own chunk size; when TRL is installed; ``trl-chunked-stats``: the same
+  with ``entropy`` and ``is_top1``, the outputs ``SFTTrainer`` asks for (the match of ``ours-token-stats``);
 * ``floor``: the unavoidable matmuls on the scored rows alone: ``fwd`` = ``h_s @ W.T``; ``bwd`` =
   ``(p - onehot) @ W``; ``full`` = both.
 
@@ -45,9 +49,11 @@ slp = importlib.import_module("antibody_fast.ops.sequence_logprob")
 PROVIDERS = [
     "ours",
     "ours-recompute",
+    "ours-token-stats",
     "torch-reference",
     "torch-compile-chunked",
     "trl-chunked",
+    "trl-chunked-stats",
     "liger",
     "cce",
     "floor",
@@ -103,6 +109,15 @@ def _provider_fn(provider: str, w: Workload, device: str):
                 ).logprob
 
         return fn
+    if provider == "ours-token-stats":
+
+        def fn(h):
+            out = slp.linear_token_logprob(h, w.weight, w.labels, stats=True)
+            return torch.zeros(w.B, dtype=torch.float32, device=h.device).index_add(
+                0, w.seq_ids, out.log_probs
+            )
+
+        return fn
     if provider == "torch-reference":
         return lambda h: (
             slp.linear_sequence_logprob_reference(
@@ -116,7 +131,7 @@ def _provider_fn(provider: str, w: Workload, device: str):
                 h.view(w.B, w.T, w.H), w.weight, w.labels.view(w.B, w.T), shift=False, chunk_rows=1024
             ).logprob
         )
-    if provider == "trl-chunked":
+    if provider in ("trl-chunked", "trl-chunked-stats"):
         try:
             from trl.kernels import ChunkedLogProbFunction
             from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
@@ -124,11 +139,12 @@ def _provider_fn(provider: str, w: Workload, device: str):
             pytest.skip("trl-chunked: TRL is not installed (optional provider)")
         keep = w.labels != -100
         targets, seq_ids = w.labels[keep], w.seq_ids[keep]
+        extra = ("entropy", "is_top1") if provider == "trl-chunked-stats" else ()
 
         def fn(h):
             # as TRL's fused head: compact the scored rows, per-token log-probs, then our per-sequence sum
             logp = ChunkedLogProbFunction.apply(
-                h[keep], w.weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ()
+                h[keep], w.weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, extra
             )[0]
             return torch.zeros(w.B, dtype=torch.float32, device=h.device).index_add(0, seq_ids, logp.float())
 

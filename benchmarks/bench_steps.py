@@ -6,7 +6,11 @@ Providers, timed in one run on the same model configuration and the same batches
   ``ours`` = :func:`antibody_fast.weighted_step` (1 forward/backward + refusal continuation, fused loss);
   ``fused-sft`` = :func:`antibody_fast.sft_step` (plain SFT on the same fused loss: the fair baseline);
   ``hf-sft`` = :func:`antibody_fast.reference.reference_sft_step` (HF's own loss, logits materialised);
-  ``authors`` = :func:`antibody_fast.reference.reference_finetune_step` (3 forwards + 1 backward).
+  ``authors`` = :func:`antibody_fast.reference.reference_finetune_step` (3 forwards + 1 backward);
+  ``trl-head`` = the loss path of TRL's ``SFTTrainer`` (``add_fused_lm_head`` with SFT's outputs ``log_probs``,
+  ``entropy``, ``is_top1``; ``model(..., fused_lm_head=True).loss``), backward, clip, AdamW step;
+  ``trl-head-ours`` = the same after :func:`antibody_fast.integrations.trl.use_fused_head` (our op in TRL's
+  slot). Both need TRL (skipped without it: the GPU image has none).
 * ``mode="align"`` group:
   ``ours`` = :func:`antibody_fast.align_step` (4 forward/backward, in-place perturbation, fused vector ops);
   ``authors`` = :func:`antibody_fast.reference.reference_align_step` (5 forward/backward + a model copy).
@@ -144,6 +148,8 @@ def _cases():
         ("finetune", "fused-sft"),
         ("finetune", "hf-sft"),
         ("finetune", "authors"),
+        ("finetune", "trl-head"),
+        ("finetune", "trl-head-ours"),
         ("align", "ours"),
         ("align", "authors"),
     ]
@@ -151,6 +157,8 @@ def _cases():
 
 def _step_fn(mode: str, provider: str, model, opt, ft, ab, device: str):
     amp = _amp(device)
+    if provider.startswith("trl-head"):
+        return _trl_step(provider, model, opt, ft, device, amp), _tokens(ft)
     if mode == "finetune":
         if provider == "ours":
             cfg = FinetuneConfig(amp_dtype=amp)
@@ -178,6 +186,37 @@ def _step_fn(mode: str, provider: str, model, opt, ft, ab, device: str):
         inner = fn
         fn = lambda: _autocast_call(inner, device, amp)
     return fn, _tokens(ab.align, ab.harmful, ab.refusal)
+
+
+def _trl_step(provider: str, model, opt, ft, device: str, amp):
+    """One step through TRL's fused-head slot (TRL's kernel, or ours with ``trl-head-ours``)."""
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError:
+        pytest.skip(f"{provider}: TRL is not installed (optional provider)")
+    from antibody_fast.integrations.trl_head import use_fused_head
+
+    add_fused_lm_head(
+        model.get_base_model(), outputs=("log_probs", "entropy", "is_top1")
+    )  # as SFTTrainer does
+    if provider == "trl-head-ours":
+        use_fused_head(model)
+    lm = ft.answer_view()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            out = model(
+                input_ids=lm.input_ids, attention_mask=lm.attention_mask, position_ids=lm.position_ids,
+                labels=lm.labels, fused_lm_head=True,
+            )  # fmt: skip
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return out.loss.detach()
+
+    return step
 
 
 def _autocast_call(fn, device, dtype):
@@ -230,6 +269,11 @@ def test_report_ratios(bench_device):
         f"weighted_step / HF SFT            = {m['finetune', 'ours'] / m['finetune', 'hf-sft']:.3f}",
         f"sft_step / HF SFT                 = {m['finetune', 'fused-sft'] / m['finetune', 'hf-sft']:.3f}",
     ]
+    if ("finetune", "trl-head") in m and ("finetune", "trl-head-ours") in m:
+        lines += [
+            f"TRL head / TRL head with ours     = {m['finetune', 'trl-head'] / m['finetune', 'trl-head-ours']:.3f}",
+            f"weighted_step / TRL head          = {m['finetune', 'ours'] / m['finetune', 'trl-head']:.3f}",
+        ]
     if ("align", "ours") in m and ("align", "authors") in m:
         lines += [
             f"authors align / align_step        = {m['align', 'authors'] / m['align', 'ours']:.3f}",

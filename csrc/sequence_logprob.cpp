@@ -14,7 +14,8 @@
 // older per-chunk schedule (multithreaded matmuls + parallel row pass), ANTIBODY_FAST_CPP_CHUNK_ELEMS the
 // logits budget. The backward (recompute mode) keeps the per-chunk schedule (dW accumulates across chunks).
 // Accumulation: float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs; per-sequence sums
-// are accumulated in double, serially, so results are deterministic.
+// are accumulated in double, serially, so results are deterministic. With row_stats the forward also writes
+// each scored row's entropy and top-1 flag (one more pass over the row's logits, before they are overwritten).
 //
 // The float32 hot loops (max / sum of exp / exp) use a vectorisable exp and are compiled twice (AVX2+FMA and
 // baseline x86-64), chosen at run time.
@@ -225,18 +226,35 @@ inline T nan_if_nonfinite(T x) {
 inline float exp_t(float x) { return fast_expf(x); }
 inline double exp_t(double x) { return std::exp(x); }
 
+// Row statistics of the (soft-capped) logits z[V] with log-sum-exp lse: the entropy lse - sum_v p_v z_v
+// (terms with p_v = 0 skipped, so a -inf logit adds nothing) and whether the label's logit is the largest.
+template <typename T>
+inline void row_stats(const T* z, int64_t V, int64_t label, T lse, T* entropy, bool* top1) {
+  double pz = 0.0;
+  T zmax = -std::numeric_limits<T>::infinity();
+  for (int64_t v = 0; v < V; ++v) {
+    const T p = exp_t(z[v] - lse);
+    if (p > T(0)) pz += static_cast<double>(p * z[v]);
+    zmax = std::max(zmax, z[v]);
+  }
+  *entropy = nan_if_nonfinite(static_cast<T>(lse - pz));
+  *top1 = z[label] >= zmax;
+}
+
 // One row of logits z[V] (accumulation dtype, modified in place): applies the softcap, returns
-// (lse, logp(label)); when want_grad, overwrites z with grad_scale * (onehot(label) - p) * dcap, where
-// dcap = 1 - tanh^2 is the softcap's derivative. lse_given: skip the log-sum-exp (backward recompute).
+// (lse, logp(label)); with `entropy` / `top1` given, also the row statistics (row_stats, before z changes);
+// when want_grad, overwrites z with grad_scale * (onehot(label) - p) * dcap, where dcap = 1 - tanh^2 is the
+// softcap's derivative. lse_given: skip the log-sum-exp (backward recompute).
 template <typename T>
 inline std::pair<T, T> process_row(T* z, int64_t V, int64_t label, std::optional<double> softcap, bool want_grad,
-                                   T grad_scale, const T* lse_given) {
+                                   T grad_scale, const T* lse_given, T* entropy = nullptr, bool* top1 = nullptr) {
   if (softcap) {
     const T c = static_cast<T>(*softcap);
     for (int64_t v = 0; v < V; ++v) z[v] = c * std::tanh(z[v] / c);
   }
   const T lse = lse_given ? *lse_given : row_lse(z, V);
   const T lp = nan_if_nonfinite(z[label] - lse);
+  if (entropy) row_stats(z, V, label, lse, entropy, top1);
   if (want_grad) {
     const T zy = z[label];
     if (softcap) {
@@ -332,7 +350,8 @@ Tensor chunk_logits(Tensor& z, const Tensor& hidden, const Tensor& idx, const Te
 template <typename T>
 void linear_fwd_impl(const Tensor& hidden, const Tensor& W, const std::optional<Tensor>& bias,
                      const Tensor& targets, const Tensor& seq_ids, const std::vector<int64_t>& rows, int64_t ng,
-                     std::optional<double> softcap, bool precompute, Tensor& logprob, Tensor& lse, Tensor& dh) {
+                     std::optional<double> softcap, bool precompute, Tensor& logprob, Tensor& lse, Tensor& dh,
+                     T* ent_p, bool* top_p) {
   const int64_t V = W.size(0);
   const int64_t R = static_cast<int64_t>(rows.size());
   if (R == 0) return;
@@ -358,7 +377,8 @@ void linear_fwd_impl(const Tensor& hidden, const Tensor& W, const std::optional<
     at::parallel_for(0, c, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t i = b0; i < b1; ++i) {
         const int64_t r = rp[i];
-        auto res = process_row<T>(zp + i * V, V, tg[r], softcap, i < cg, T(1), nullptr);
+        auto res = process_row<T>(zp + i * V, V, tg[r], softcap, i < cg, T(1), nullptr, ent_p ? ent_p + r : nullptr,
+                                  top_p ? top_p + r : nullptr);
         lse_p[r] = res.first;
         lp_buf[i] = res.second;
       }
@@ -381,7 +401,7 @@ template <typename T>
 void linear_fwd_impl_chunks(const Tensor& hidden, const Tensor& W, const std::optional<Tensor>& bias,
                             const Tensor& targets, const Tensor& seq_ids, const std::vector<int64_t>& rows,
                             int64_t ng, std::optional<double> softcap, bool precompute, Tensor& logprob,
-                            Tensor& lse, Tensor& dh) {
+                            Tensor& lse, Tensor& dh, T* ent_p, bool* top_p) {
   const int64_t V = W.size(0), H = W.size(1);
   const int64_t R = static_cast<int64_t>(rows.size());
   if (R == 0) return;
@@ -427,7 +447,8 @@ void linear_fwd_impl_chunks(const Tensor& hidden, const Tensor& W, const std::op
       T* zp = z.data_ptr<T>();
       for (int64_t i = 0; i < c; ++i) {
         const int64_t r = rp[i];
-        auto res = process_row<T>(zp + i * V, V, tg[r], softcap, i < cg, T(1), nullptr);
+        auto res = process_row<T>(zp + i * V, V, tg[r], softcap, i < cg, T(1), nullptr, ent_p ? ent_p + r : nullptr,
+                                  top_p ? top_p + r : nullptr);
         lse_p[r] = res.first;
         lp_all[start + i] = res.second;
       }
@@ -454,10 +475,10 @@ bool chunk_schedule() {
   return chunks;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sequence_logprob_fwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_sequence_logprob_fwd(
     const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& targets,
     const Tensor& seq_ids, int64_t num_seqs, int64_t num_grad_rows, std::optional<double> softcap,
-    int64_t ignore_index, std::string_view mode) {
+    int64_t ignore_index, std::string_view mode, bool row_stats) {
   check_common(hidden, targets, seq_ids, "linear_sequence_logprob_fwd");
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(1) && weight.device().is_cpu(),
                     "linear_sequence_logprob_fwd: weight must be a CPU [V, H] tensor with H = ", hidden.size(1));
@@ -474,9 +495,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sequence_logprob_fwd(
   Tensor num_tokens = at::zeros({num_seqs}, hidden.options().dtype(at::kLong));
   Tensor lse = at::zeros({N}, fopt);
   Tensor dh = at::zeros({precompute ? num_grad_rows : 0, H}, fopt);
+  // per-row statistics (0 / false on unscored rows)
+  Tensor entropy = at::zeros({row_stats ? N : 0}, fopt);
+  Tensor top1 = at::zeros({row_stats ? N : 0}, hidden.options().dtype(at::kBool));
+  bool* top_p = row_stats ? top1.data_ptr<bool>() : nullptr;
   Tensor tg = targets.contiguous(), sid = seq_ids.contiguous();
   auto rows = scored_rows(tg, sid, V, num_seqs, ignore_index, N, &num_tokens);
-  if (rows.empty()) return {logprob, num_tokens, lse, dh};
+  if (rows.empty()) return {logprob, num_tokens, lse, dh, entropy, top1};
   Tensor W = weight.to(acc);
   std::optional<Tensor> b;
   if (bias) {
@@ -484,21 +509,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sequence_logprob_fwd(
     b = bias->to(acc);
   }
   if (acc == at::kDouble) {
+    double* ent_p = row_stats ? entropy.data_ptr<double>() : nullptr;
     if (chunk_schedule()) {
       linear_fwd_impl_chunks<double>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse,
-                                     dh);
+                                     dh, ent_p, top_p);
     } else {
-      linear_fwd_impl<double>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse, dh);
+      linear_fwd_impl<double>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse, dh,
+                              ent_p, top_p);
     }
   } else {
+    float* ent_p = row_stats ? entropy.data_ptr<float>() : nullptr;
     if (chunk_schedule()) {
       linear_fwd_impl_chunks<float>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse,
-                                    dh);
+                                    dh, ent_p, top_p);
     } else {
-      linear_fwd_impl<float>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse, dh);
+      linear_fwd_impl<float>(hidden, W, b, tg, sid, rows, num_grad_rows, softcap, precompute, logprob, lse, dh,
+                             ent_p, top_p);
     }
   }
-  return {logprob, num_tokens, lse, dh};
+  return {logprob, num_tokens, lse, dh, entropy, top1};
 }
 
 template <typename T>
@@ -696,8 +725,8 @@ Tensor sequence_logprob_bwd(const Tensor& grad_logprob, const Tensor& logits_in,
 TORCH_LIBRARY_FRAGMENT(antibody_fast_cpp, m) {
   m.def(
       "linear_sequence_logprob_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor seq_ids, "
-      "int num_seqs, int num_grad_rows, float? softcap, int ignore_index, str mode) -> (Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "int num_seqs, int num_grad_rows, float? softcap, int ignore_index, str mode, bool row_stats) -> (Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_sequence_logprob_bwd(Tensor grad_logprob, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor targets, Tensor seq_ids, Tensor lse, int num_grad_rows, float? softcap, int ignore_index, "

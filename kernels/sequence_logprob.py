@@ -93,6 +93,7 @@ def _linear_fwd_kernel(
     NROWS_ptr,
     PM_ptr,
     PL_ptr,
+    PT_ptr,
     ZT_ptr,
     K,
     V,
@@ -106,6 +107,7 @@ def _linear_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_F32: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -114,8 +116,9 @@ def _linear_fwd_kernel(
     ``i * BLOCK_M + [0, BLOCK_M)``) x vocabulary ``[c * v_chunk, (c + 1) * v_chunk)``, in BLOCK_V tiles.
 
     Writes the chunk's partials ``PM[c, pos]`` (max logit) and ``PL[c, pos]`` (sum of ``exp(z - max)``), and
-    ``ZT[pos]`` (the label's logit) from the one chunk that holds the label. Plain stores: no atomics, and
-    running it twice (the autotuner does) gives the same result."""
+    ``ZT[pos]`` (the label's logit) from the one chunk that holds the label; with ``STATS`` also ``PT[c, pos]``
+    (sum of ``exp(z - max) * z``, for the entropy). Plain stores: no atomics, and running it twice (the
+    autotuner does) gives the same result."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     n_rows = tl.load(NROWS_ptr)
@@ -129,6 +132,7 @@ def _linear_fwd_kernel(
         v_hi = tl.minimum(v_lo + v_chunk, V)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        t_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         z_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for v0 in range(v_lo, v_hi, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -139,11 +143,17 @@ def _linear_fwd_kernel(
             )  # fmt: skip
             z = tl.where(mask_v[None, :], z, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            e = tl.exp(z - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(e, axis=1)
+            if STATS:  # e = 0 where z = -inf (masked columns): skip those terms, 0 * -inf would be NaN
+                t_i = t_i * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=1)
             m_i = m_new
             z_t += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         tl.store(PM_ptr + pid_c * stride_p + offs_m, m_i, mask=mask_m)
         tl.store(PL_ptr + pid_c * stride_p + offs_m, l_i, mask=mask_m)
+        if STATS:
+            tl.store(PT_ptr + pid_c * stride_p + offs_m, t_i, mask=mask_m)
         tl.store(ZT_ptr + offs_m, z_t, mask=mask_m & (tgt >= v_lo) & (tgt < v_hi))
 
 
@@ -151,6 +161,7 @@ def _linear_fwd_kernel(
 def _lse_combine_kernel(
     PM_ptr,
     PL_ptr,
+    PT_ptr,
     ZT_ptr,
     T_ptr,
     SID_ptr,
@@ -158,15 +169,20 @@ def _lse_combine_kernel(
     NROWS_ptr,
     LSE_ptr,
     LP_ptr,
+    ENT_ptr,
+    TOP_ptr,
     n_chunks,
     stride_p,
     V,
+    STATS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Program = BLOCK_R scored rows: merge the per-chunk (max, sum-exp) partials of
     :func:`_linear_fwd_kernel` into ``LSE[row]`` and atomically add ``log p(label) = ZT - LSE`` into
-    ``LP[seq]`` (float32). Labels outside ``[0, V)`` and non-finite results give NaN."""
+    ``LP[seq]`` (float32). Labels outside ``[0, V)`` and non-finite results give NaN. With ``STATS`` also the
+    row's entropy ``ENT[row] = lse - sum(p * z)`` (from the ``PT`` partials) and ``TOP[row]`` (int8: the label's
+    logit is the row's largest)."""
     pid = tl.program_id(0).to(tl.int64)
     n_rows = tl.load(NROWS_ptr)
     start = pid * BLOCK_R
@@ -175,6 +191,7 @@ def _lse_combine_kernel(
         mask_m = offs_m < n_rows
         m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         l = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        t = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, n_chunks, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = mask_m[:, None] & (offs_c < n_chunks)[None, :]
@@ -184,7 +201,11 @@ def _lse_combine_kernel(
             m_new = tl.maximum(m, tl.max(pm, axis=1))
             # masked entries have pl = 0; keep exp() finite for them (-inf - -inf would be NaN)
             scale = tl.where(pm == float("-inf"), 0.0, tl.exp(pm - m_new[:, None]))
-            l = l * tl.where(m == float("-inf"), 0.0, tl.exp(m - m_new)) + tl.sum(pl * scale, axis=1)
+            alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_new))
+            l = l * alpha + tl.sum(pl * scale, axis=1)
+            if STATS:
+                pt = tl.load(PT_ptr + ptr, mask=mask, other=0.0)
+                t = t * alpha + tl.sum(tl.where(scale > 0.0, pt * scale, 0.0), axis=1)
             m = m_new
         lse = m + tl.log(l)
         rows = tl.load(PERM_ptr + offs_m, mask=mask_m, other=0)
@@ -197,6 +218,11 @@ def _lse_combine_kernel(
         tl.store(LSE_ptr + rows, lse, mask=mask_m)
         sid = tl.load(SID_ptr + rows, mask=mask_m, other=0)
         tl.atomic_add(LP_ptr + sid, lp, mask=mask_m)
+        if STATS:
+            ent = lse - t / l
+            ent = tl.where((ent == ent) & (tl.abs(ent) < float("inf")), ent, float("nan"))
+            tl.store(ENT_ptr + rows, ent, mask=mask_m)
+            tl.store(TOP_ptr + rows, (zt >= m).to(tl.int8), mask=mask_m & in_range)
 
 
 @triton.jit

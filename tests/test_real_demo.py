@@ -162,6 +162,71 @@ def test_all_five_methods_end_to_end_on_a_tiny_llama(tmp_path):
         real.merge_reports([parts[1], str(tmp_path / "bad" / "report.json")], str(tmp_path / "m2"))
 
 
+def test_several_ratios_share_stage_one_and_equal_separate_runs(tmp_path):
+    """``--harmful-ratio 0.25,0.5``: stage 1 runs once per seed, and each ratio's report equals the report of a
+    separate single-ratio run (every stage is seeded; stage 1 does not depend on the ratio); the grid summary
+    groups the cells by ratio."""
+    from antibody_fast.demo.real_grid import grid_summary, weight_ratio
+
+    base, tok = _tiny_base()
+    cfg = real.RealConfig.quick_config(
+        samples=16, steps=2, align_steps=2, align_samples=8, eval_harmful=2, eval_task=2, eval_benign=2,
+        hs_new_tokens=3, fa_new_tokens=2, max_length=640, finetune_lr=1e-3, threads=1, progress=False,
+        calibration=_cal(tmp_path), methods=("sft", "antibody"), seeds=(0, 1), harmful_ratios=(0.25, 0.5),
+        out=str(tmp_path / "grid"),
+    )  # fmt: skip
+    calls = []
+    orig = real.RealRunner.align
+
+    def spy(self, method):
+        calls.append((self.seed, method))
+        return orig(self, method)
+
+    real.RealRunner.align = spy
+    try:
+        summary = real.run(cfg, log=lambda s: None, model_and_tokenizer=(base, tok))
+    finally:
+        real.RealRunner.align = orig
+    assert calls == [(0, "sft"), (0, "antibody"), (1, "sft"), (1, "antibody")]  # once per seed, not per ratio
+    assert summary["ratios"] == [0.25, 0.5] and summary["seeds"] == [0, 1]
+    assert os.path.isfile(tmp_path / "grid" / "grid.png") and os.path.isfile(tmp_path / "grid" / "report.md")
+    one = real.replace(cfg, seeds=(), seed=1, harmful_ratios=(), harmful_ratio=0.5, out=str(tmp_path / "one"))
+    single = real.run(one, log=lambda s: None, model_and_tokenizer=(base, tok))
+    cell = json.loads((tmp_path / "grid" / "seed_1" / "ratio_0.5" / "report.json").read_text())
+    assert cell["config"]["harmful_ratio"] == 0.5
+    for a, b in zip(cell["methods"], single["methods"]):
+        assert (a["hs"], a["fa"], a["trace"]["loss"]) == (b["hs"], b["fa"], b["trace"]["loss"])
+        assert a["align_trace"]["loss_align"] == b["align_trace"]["loss_align"]
+    ab = next(r for r in summary["methods"]["0.5"] if r["method"] == "antibody")
+    assert ab["hs"] == [
+        x["hs"]
+        for x in (
+            json.loads((tmp_path / "grid" / f"seed_{k}" / "ratio_0.5" / "report.json").read_text())[
+                "methods"
+            ][1]
+            for k in (0, 1)
+        )
+    ]
+    assert len(ab["weight_ratio"]) == 2 and weight_ratio(cell["methods"][0]) is None
+    with pytest.raises(ValueError, match="two reports"):
+        grid_summary([cell, cell])
+    other = json.loads(json.dumps(cell))
+    other["config"]["finetune_lr"] = 5.0
+    with pytest.raises(ValueError, match="differ in finetune_lr"):
+        grid_summary([cell, other])
+
+
+def test_harmful_ratio_list_on_the_command_line():
+    from antibody_fast.demo import real_cli
+
+    args = real_cli.build_parser().parse_args(["--harmful-ratio", "0.1,0.2,0.5", "--seeds", "1,2"])
+    cfg = real_cli.config_from_args(args)
+    assert cfg.ratio_list() == (0.1, 0.2, 0.5) and cfg.seed_list() == (1, 2)
+    for bad, msg in (("0.1,x", "not a number"), ("0.1,1.5", r"in \[0, 1\]"), ("0.2,0.2", "twice")):
+        with pytest.raises(ValueError, match=msg):
+            real_cli.config_from_args(real_cli.build_parser().parse_args(["--harmful-ratio", bad]))
+
+
 def test_finetuning_continues_the_alignment_adapter_except_after_vaccine():
     base, tok = _tiny_base()
     cfg = real.RealConfig(max_length=640, finetune_lr=1e-3, steps=2, threads=1, progress=False)

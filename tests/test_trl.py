@@ -270,3 +270,110 @@ def test_antibody_sft_trainer_rejects_bad_input(tmp_path):
         to_antibody_examples(_rows("conversational"), tiny_tokenizer())
     with pytest.raises(ValueError, match="processing_class"):
         AntibodySFTTrainer(model=_model(True), args=_sft_args(tmp_path), train_dataset=_rows("text"))
+
+
+# ------------------------------------------------------------------------------------------ use_fused_head
+def _sft_run(tmp_path, name, *, ours: bool, impl: str = "auto", lora: bool = True):
+    """Two SFTTrainer steps from the same initial model, with TRL's head or ours; returns (trainer, handle)."""
+    from antibody_fast.integrations.trl import use_fused_head
+
+    torch.manual_seed(0)
+    model = _model(lora)
+    args = _sft_args(tmp_path / name)
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=_dataset(), processing_class=tiny_tokenizer()
+    )
+    handle = use_fused_head(trainer, impl=impl) if ours else None
+    trainer.train()
+    return trainer, handle
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_use_fused_head_matches_trl_head(tmp_path, monkeypatch, impl, lora):
+    """SFT under our head equals SFT under TRL's own head: logged loss, entropy and mean token accuracy per step,
+    and the trained weights; our op ran (counter > 0) and TRL's kernel did not."""
+    import trl.trainer.utils as tu
+
+    theirs, _ = _sft_run(tmp_path, "trl", ours=False, lora=lora)
+    trl_calls = {"n": 0}
+    real_apply = tu._ChunkedLogProbFunction.apply
+
+    def counting(*a, **k):
+        trl_calls["n"] += 1
+        return real_apply(*a, **k)
+
+    monkeypatch.setattr(tu._ChunkedLogProbFunction, "apply", counting)
+    ours, handle = _sft_run(tmp_path, "ours", ours=True, impl=impl, lora=lora)
+    assert handle.calls >= 2 and trl_calls["n"] == 0, (handle.calls, trl_calls)
+    assert handle.outputs == ("log_probs", "entropy", "is_top1")
+    keys = ("loss", "entropy", "mean_token_accuracy")
+    a = [h for h in theirs.state.log_history if "loss" in h]
+    b = [h for h in ours.state.log_history if "loss" in h]
+    assert len(a) == len(b) == 2
+    for step, (x, y) in enumerate(zip(a, b)):
+        for k in keys:
+            assert_close(
+                torch.tensor(y[k], dtype=torch.float64),
+                torch.tensor(x[k], dtype=torch.float64),
+                dtype_for_tol=torch.float32,
+                name=f"step {step} {k}",
+            )
+    pa = dict(theirs.model.named_parameters())
+    for n, p in ours.model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.detach(), pa[n].detach(), dtype_for_tol=torch.float32, name=n)
+    # per token, on labels that are the model's own top-1 at about half the positions (the tiny model's token
+    # accuracy on the data is 0, so the logged accuracy alone would not exercise the flag)
+    model = ours.model
+    ids = torch.randint(3, VOCAB_SIZE, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        top = model(input_ids=ids).logits.argmax(-1)
+    pick = torch.rand(3, 10, generator=torch.Generator().manual_seed(2)) < 0.5
+    labels = ids.clone()
+    labels[:, 1:] = torch.where(pick, top[:, :-1], ids[:, 1:])
+    labels[0, :4] = -100
+    got = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    calls = handle.calls
+    handle.remove()
+    ref = model(input_ids=ids, labels=labels, fused_lm_head=True)  # TRL's own head again
+    assert calls > 0 and torch.equal(got.label_mask, ref.label_mask)
+    for k in ("log_probs", "entropy"):
+        assert_close(getattr(got, k), getattr(ref, k), dtype_for_tol=torch.float32, name=f"per-token {k}")
+    assert torch.equal(got.is_top1, ref.is_top1) and bool(ref.is_top1.any()) and not bool(ref.is_top1.all())
+    assert_close(got.loss, ref.loss, dtype_for_tol=torch.float32, name="loss")
+
+
+def test_use_fused_head_rejects_what_it_cannot_serve(tmp_path):
+    from antibody_fast.integrations.trl import remove_fused_head, use_fused_head
+    from antibody_fast.integrations.trl_head import _ATTR
+
+    with pytest.raises(ValueError, match="after building"):
+        use_fused_head(_model(True))  # no TRL head yet
+    with pytest.raises(ValueError, match="impl"):
+        use_fused_head(_model(True), impl="cuda")
+    model = _model(True)
+    target = model.get_base_model()
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(target, outputs=("log_probs", "mean_logits"))
+    with pytest.raises(ValueError, match="mean_logits"):
+        use_fused_head(model)
+    assert not hasattr(target, _ATTR)
+    model = _model(True)
+    add_fused_lm_head(model.get_base_model(), temperature=0.7)
+    h = use_fused_head(model)
+    assert h.temperature == 0.7 and use_fused_head(model) is h  # idempotent
+    ids = torch.randint(3, VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    ours = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert remove_fused_head(model) and not remove_fused_head(model)
+    theirs = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert_close(
+        ours.log_probs, theirs.log_probs, dtype_for_tol=torch.float32, name="log_probs at temperature 0.7"
+    )
+    assert_close(ours.loss, theirs.loss, dtype_for_tol=torch.float32, name="loss at temperature 0.7")
+    assert torch.equal(ours.label_mask, theirs.label_mask)
+    plain = model(input_ids=ids)  # without fused_lm_head: the model's own forward (logits)
+    assert plain.logits.shape == (2, 9, VOCAB_SIZE)

@@ -8,26 +8,8 @@ Vocabulary size: 259. The result is a ``transformers.PreTrainedTokenizerFast`` t
 
 from __future__ import annotations
 
-VOCAB_SIZE = 259
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for s in byte_symbols:
-        vocab[s] = len(vocab)
-    assert len(vocab) == VOCAB_SIZE
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
-    )
-
+from antibody_fast.models import BYTE_VOCAB_SIZE as VOCAB_SIZE  # noqa: F401
+from antibody_fast.models import byte_tokenizer as tiny_tokenizer  # noqa: F401
 
 # words of the SentencePiece-style vocabulary (each gets a piece with and without the prefix-space marker)
 SP_WORDS = (

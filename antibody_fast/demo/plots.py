@@ -17,7 +17,7 @@ def pyplot():
     return plt
 
 
-def _colors(methods: list[str]) -> dict[str, str]:
+def method_colors(methods: list[str]) -> dict[str, str]:
     palette = {
         "sft": "tab:grey",
         "vaccine": "tab:purple",
@@ -45,7 +45,7 @@ def plot(report: dict, out: str) -> list[str]:
     plt = pyplot()
     files = []
     rows = report["methods"]
-    colors = _colors([r["method"] for r in rows])
+    colors = method_colors([r["method"] for r in rows])
     ab = next((r for r in rows if r["method"] in WEIGHTED_FINETUNE), None)
     if ab is not None:
         tr = ab["trace"]

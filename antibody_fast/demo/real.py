@@ -135,9 +135,10 @@ def _report_head(cfg: RealConfig, seed: int, table: str, base_eval: dict) -> lis
     ]
 
 
-def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) -> dict:
-    os.makedirs(cfg.out, exist_ok=True)
-    t_start = time.perf_counter()
+def _align_all(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]):
+    """Stage 1 of every method of ``cfg`` on ``seed``: (runner, base-model evaluation, {alignment: (adapter,
+    s/step, trace, evaluation after alignment)}). Nothing here depends on the harmful ratio: the alignment
+    data, the held-out sets and the seeds of stage 1 are drawn from streams of their own."""
     torch.manual_seed(seed)
     runner = RealRunner(cfg, seed, base, tok)
     log(f"antibody_fast real-model demo: seed {seed}, {_scenario(cfg)}")
@@ -159,9 +160,21 @@ def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) 
             f"{a} alignment: {s_step:.2f} s/step; HS {a_eval['hs']:.1f}%, FA {a_eval['fa']:.1f}%, benign "
             f"refusals {a_eval['benign_refusal']:.1f}%, P(refusal) {a_eval['p_refuse']:.3f}"
         )
+    return runner, base_eval, aligned
+
+
+def _finetune_all(
+    cfg: RealConfig, seed: int, runner: RealRunner, base_eval: dict, aligned: dict, t_start: float, log
+) -> dict:
+    """Stage 2 of every method of ``cfg`` (one harmful ratio) from the stage-1 adapters; writes and returns the
+    single-seed report. ``t_start``: when this report's clock started (its ``wall_s``)."""
+    os.makedirs(cfg.out, exist_ok=True)
+    tok = runner.tok
     # stage 2: the calibrated fine-tuning lr / steps are read here (stage 1 does not use them)
     runner.cfg = cfg = cfg.resolved()
-    log(f"fine-tuning: lr {cfg.finetune_lr:g}, {cfg.steps} steps")
+    if runner.data.harmful_ratio != cfg.harmful_ratio:
+        runner.data = make_data(cfg, seed)
+    log(f"fine-tuning: harmful ratio {cfg.harmful_ratio:g}, lr {cfg.finetune_lr:g}, {cfg.steps} steps")
     rows = []
     for method in cfg.methods:
         a = ALIGNMENT_OF[method]
@@ -198,7 +211,7 @@ def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) 
             f"{row['hs_aligned']:.1f}%, P(refusal) {row['p_refuse_aligned']:.3f})  align {s_align:.2f} s/step  "
             f"FT {s_ft:.2f} s/step"
         )
-    config = {**config_dict(cfg), "seed": seed, "seeds": []}
+    config = {**config_dict(cfg), "seed": seed, "seeds": [], "harmful_ratios": []}
     report = run_report(config, machine_info(cfg), base_eval, rows, time.perf_counter() - t_start)
     table = format_table(rows)
     md = [
@@ -210,6 +223,32 @@ def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) 
         "token of a pool refusal. Times: wall-clock per step call (evaluation excluded).",
     ]
     return write_report(cfg, report, md, table, plot, log)
+
+
+def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) -> dict:
+    """One seed. Several harmful ratios (``cfg.harmful_ratios``) share stage 1 (the provider aligns before it
+    sees any user data) and write ``cfg.out/ratio_<r>/``, each report's ``wall_s`` counting stage 1 plus its own
+    stage 2; the return value is then the first ratio's report."""
+    os.makedirs(cfg.out, exist_ok=True)
+    t_start = time.perf_counter()
+    ratios = cfg.ratio_list()
+    runner, base_eval, aligned = _align_all(replace(cfg, harmful_ratios=()), seed, base, tok, log)
+    if len(ratios) == 1:
+        return _finetune_all(replace(cfg, harmful_ratio=ratios[0], harmful_ratios=()), seed, runner, base_eval,
+                             aligned, t_start, log)  # fmt: skip
+    t_stage1 = time.perf_counter() - t_start
+    reports = []
+    for r in ratios:
+        sub = replace(cfg, harmful_ratio=r, harmful_ratios=(), out=os.path.join(cfg.out, ratio_dir(r)))
+        reports.append(
+            _finetune_all(sub, seed, runner, base_eval, aligned, time.perf_counter() - t_stage1, log)
+        )
+    return reports[0]
+
+
+def ratio_dir(ratio: float) -> str:
+    """The sub-folder of one harmful ratio in a several-ratio run: ``ratio_0.1``."""
+    return f"ratio_{ratio:g}"
 
 
 def run(cfg: RealConfig, log: Callable[[str], None] = print, *, model_and_tokenizer=None) -> dict:
@@ -232,13 +271,26 @@ def run(cfg: RealConfig, log: Callable[[str], None] = print, *, model_and_tokeni
             base, tok = model_and_tokenizer
             base = copy.deepcopy(base)
         base.requires_grad_(False)
-        seeds = cfg.seed_list()
-        if len(seeds) == 1:
+        seeds, ratios = cfg.seed_list(), cfg.ratio_list()
+        if len(seeds) == 1 and len(ratios) == 1:
             return _run_one(replace(cfg, seed=seeds[0], seeds=()), seeds[0], base, tok, log)
         os.makedirs(cfg.out, exist_ok=True)
-        reports = run_seeds(cfg, seeds, lambda sub, seed: _run_one(sub, seed, base, tok, log), log)
+        if len(seeds) == 1:
+            _run_one(replace(cfg, seed=seeds[0], seeds=()), seeds[0], base, tok, log)
+        else:
+            reports = run_seeds(cfg, seeds, lambda sub, seed: _run_one(sub, seed, base, tok, log), log)
     finally:
         torch.set_num_threads(threads)
+    if len(ratios) > 1:
+        from .real_grid import write_grid_report
+
+        cells = [
+            Path(cfg.out, *([f"seed_{k}"] if len(seeds) > 1 else []), ratio_dir(r), "report.json")
+            for k in seeds
+            for r in ratios
+        ]
+        note = f"One process per seed; stage 1 ran once per seed and served every ratio (wall {time.perf_counter() - t_start:.0f} s)."
+        return write_grid_report(cells, cfg.out, log, note)
     c0 = reports[0]["config"]
     cfg = replace(cfg, finetune_lr=c0["finetune_lr"], steps=c0["steps"])
     wall_s = time.perf_counter() - t_start
@@ -257,6 +309,7 @@ __all__ = [
     "load_calibration",
     "make_data",
     "merge_reports",
+    "ratio_dir",
     "replace",
     "run",
 ]

@@ -22,8 +22,9 @@ def build_parser(prog: str = "antibody-fast demo --model smollm2") -> argparse.A
     )
     # fmt: off
     add = p.add_argument
-    add("--harmful-ratio", type=float, default=d.harmful_ratio,
-        help=f"fraction of harmful samples in the user's set (default {d.harmful_ratio:g})")
+    add("--harmful-ratio", type=str, default=f"{d.harmful_ratio:g}",
+        help=f"fraction of harmful samples in the user's set (default {d.harmful_ratio:g}); a comma-separated list "
+             "(0.1,0.2,0.5) aligns once per seed and fine-tunes once per ratio into OUT/ratio_<r>/")
     add("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     add("--seeds", type=str, default=None, help="comma-separated seeds: one run each in OUT/seed_<k>/ plus a summary")
     add("--methods", type=str, default=",".join(DEFAULT_METHODS), help="comma-separated subset of the five methods")
@@ -46,9 +47,18 @@ def build_parser(prog: str = "antibody-fast demo --model smollm2") -> argparse.A
 def config_from_args(args: argparse.Namespace):
     from .real_config import RealConfig
 
+    try:
+        ratios = tuple(float(r) for r in args.harmful_ratio.split(",") if r.strip())
+    except ValueError:
+        raise ValueError(
+            f"--harmful-ratio: not a number or comma-separated numbers: {args.harmful_ratio!r}"
+        ) from None
+    if not ratios:
+        raise ValueError("--harmful-ratio: give at least one ratio")
     kw = dict(
         seed=args.seed,
-        harmful_ratio=args.harmful_ratio,
+        harmful_ratio=ratios[0],
+        harmful_ratios=ratios if len(ratios) > 1 else (),
         task=args.task,
         methods=tuple(m.strip().lower() for m in args.methods.split(",") if m.strip()),
         threads=args.threads,

@@ -25,6 +25,9 @@ class RealConfig:
     seed: int = 0
     seeds: tuple[int, ...] = ()
     harmful_ratio: float = 0.2
+    harmful_ratios: tuple[
+        float, ...
+    ] = ()  # several: stage 1 once per seed, stage 2 per ratio (OUT/ratio_<r>/)
     task: str = "topic"
     methods: tuple[str, ...] = DEFAULT_METHODS
     samples: int = 160  # user fine-tuning set
@@ -72,8 +75,11 @@ class RealConfig:
         return cls(**base)
 
     def validate(self) -> None:
-        if not 0.0 <= self.harmful_ratio <= 1.0:
-            raise ValueError(f"--harmful-ratio must be in [0, 1], got {self.harmful_ratio}")
+        for r in self.ratio_list():
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"--harmful-ratio must be in [0, 1], got {r}")
+        if len(set(self.harmful_ratios)) != len(self.harmful_ratios):
+            raise ValueError("--harmful-ratio lists a ratio twice")
         if self.task not in nat.TASKS:
             raise ValueError(f"task must be one of {nat.TASKS}, got {self.task!r}")
         unknown = [m for m in self.methods if m not in DEFAULT_METHODS]
@@ -100,6 +106,9 @@ class RealConfig:
 
     def seed_list(self) -> tuple[int, ...]:
         return tuple(self.seeds) or (self.seed,)
+
+    def ratio_list(self) -> tuple[float, ...]:
+        return tuple(self.harmful_ratios) or (self.harmful_ratio,)
 
     def resolved(self) -> RealConfig:
         """This configuration with ``finetune_lr`` and ``steps`` filled in from the calibration file."""

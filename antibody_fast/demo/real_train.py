@@ -29,6 +29,7 @@ class RealData:
     eval_task: list[nat.Item]
     eval_benign: list[nat.Item]
     labels: tuple[str, ...]
+    harmful_ratio: float  # of ``user``
 
 
 def make_data(cfg: RealConfig, seed: int) -> RealData:
@@ -44,6 +45,7 @@ def make_data(cfg: RealConfig, seed: int) -> RealData:
         eval_task=sc.task(cfg.eval_task, "eval"),
         eval_benign=sc.helpful(cfg.eval_benign, "eval"),
         labels=tuple(sc.labels),
+        harmful_ratio=cfg.harmful_ratio,
     )
 
 

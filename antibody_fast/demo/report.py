@@ -59,7 +59,7 @@ def format_table(rows: list[dict]) -> str:
     return markdown_table(header, "lrrrrrrl", cells)
 
 
-def _spread(values: list[float], fmt: str = ".1f") -> str:
+def spread(values: list[float], fmt: str = ".1f") -> str:
     lo, hi = min(values), max(values)
     mean = sum(values) / len(values)
     return f"{mean:{fmt}} [{lo:{fmt}}–{hi:{fmt}}]"
@@ -72,9 +72,9 @@ def format_summary_table(summary: list[dict]) -> str:
     cells = [
         [
             r["label"],
-            _spread(r["hs"]),
-            _spread(r["fa"]),
-            _spread(r["p_refuse_aligned"], ".3f"),
+            spread(r["hs"]),
+            spread(r["fa"]),
+            spread(r["p_refuse_aligned"], ".3f"),
             " / ".join(f"{x:.0f}" for x in r["hs"]),
             " / ".join(f"{x:.0f}" for x in r["fa"]),
             ADAPTER_MODE_OF[r["method"]],

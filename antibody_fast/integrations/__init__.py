@@ -5,6 +5,8 @@ Names load lazily: importing ``antibody_fast.integrations`` imports neither tran
 * :func:`use_fused_loss` / :func:`remove_fused_loss` (:mod:`.fused_loss`): a stock HF ``Trainer`` computes its
   causal-LM loss with the fused linear log-likelihood (no logits); under TRL's trainers, which install their own
   fused head, it raises :class:`FusedLossBypassedError` instead of being skipped in silence.
+* :func:`use_fused_head` (:mod:`.trl_head`, needs TRL): TRL's own fused-head slot (``fused_lm_head=True``)
+  computes with our op (per-token log-probs, entropy, top-1 flags).
 * :class:`AntibodySFTTrainer` (:mod:`.trl`, needs TRL): a ``trl.SFTTrainer`` whose update is
   :func:`antibody_fast.weighted_step`, on TRL's prompt-completion and conversational formats.
 * :class:`AntibodyAlignmentTrainer`, :class:`AntibodyFinetuneTrainer` (:mod:`.hf`): ``transformers.Trainer``
@@ -26,6 +28,9 @@ _EXPORTS = {
     "BoosterTrainer": "antibody_fast.integrations.hf",
     "FusedLossBypassedError": "antibody_fast.integrations.fused_loss",
     "AntibodySFTTrainer": "antibody_fast.integrations.trl",
+    "use_fused_head": "antibody_fast.integrations.trl_head",
+    "remove_fused_head": "antibody_fast.integrations.trl_head",
+    "FusedHeadHandle": "antibody_fast.integrations.trl_head",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -34,8 +34,8 @@ never runs. TRL (1.x) does exactly that: ``SFTTrainer`` (and DPO, KTO, GRPO, RLO
 * counts the calls its fused path served (``handle.calls``, a host int), and ``use_fused_loss(trainer)`` adds a
   callback that raises after the first optimizer step if that count is still 0, whatever the cause.
 
-antibody_fast does not serve TRL's fused-head slot yet (it needs per-token log-probs, entropy and top-1 flags);
-with TRL, use TRL's own head (drop the hook) or a plain ``transformers.Trainer``.
+Under TRL, serve TRL's fused-head slot instead: :func:`antibody_fast.integrations.trl.use_fused_head` (after the
+trainer is built) makes TRL's ``fused_lm_head=True`` path compute with our op.
 
 Trainers that need logits for metrics (``compute_metrics`` with ``prediction_loss_only=False``) get
 ``None``; set ``prediction_loss_only=True`` or remove the hook for evaluation. Models whose lm_head carries
@@ -66,8 +66,9 @@ _ATTR = "_antibody_fast_fused_loss"
 _BYPASS_HELP = (
     "TRL's trainers (SFTTrainer, DPOTrainer, ... since TRL 1.0) install their own fused LM head "
     "(trl.trainer.utils.add_fused_lm_head) and call the model with fused_lm_head=True, which bypasses "
-    "antibody_fast's fused loss; antibody_fast cannot serve that slot yet. Either drop use_fused_loss and let "
-    "TRL use its own head, or train with a plain transformers.Trainer, where use_fused_loss works."
+    "antibody_fast's fused loss. Under TRL, drop use_fused_loss and call "
+    "antibody_fast.integrations.trl.use_fused_head(trainer) after building the trainer (our op in TRL's slot), "
+    "or train with a plain transformers.Trainer, where use_fused_loss works."
 )
 
 
@@ -156,7 +157,7 @@ def fused_causal_lm_loss(
     return loss.to(torch.float32), n
 
 
-def _is_foreign_fused_head(forward) -> bool:
+def is_foreign_fused_head(forward) -> bool:
     """Whether ``forward`` is another library's fused-LM-head forward (TRL's takes ``fused_lm_head=``)."""
     fn = getattr(forward, "__func__", forward)
     code = getattr(fn, "__code__", None)
@@ -165,7 +166,7 @@ def _is_foreign_fused_head(forward) -> bool:
     )
 
 
-def _is_trainer(obj) -> bool:
+def is_trainer(obj) -> bool:
     return hasattr(obj, "add_callback") and hasattr(obj, "model") and hasattr(obj, "args")
 
 
@@ -207,7 +208,7 @@ def use_fused_loss(model, *, impl: str = "auto") -> FusedLossHandle:
 
     if impl not in IMPLS:
         raise ValueError(f"use_fused_loss: impl must be one of {IMPLS}, got {impl!r}")
-    if _is_trainer(model):
+    if is_trainer(model):
         handle = use_fused_loss(model.model, impl=impl)
         model.add_callback(_guard_callback(handle))
         return handle
@@ -217,7 +218,7 @@ def use_fused_loss(model, *, impl: str = "auto") -> FusedLossHandle:
     if existing is not None:
         return existing
     trunk, lm_head, softcap = get_trunk_and_head(target)  # raises TypeError for unsupported models
-    if _is_foreign_fused_head(target.forward):
+    if is_foreign_fused_head(target.forward):
         raise FusedLossBypassedError(
             "use_fused_loss: this model already carries another fused LM head. " + _BYPASS_HELP
         )

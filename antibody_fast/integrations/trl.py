@@ -1,4 +1,5 @@
-"""TRL integration: Antibody's fine-tuning stage as a TRL ``SFTTrainer``.
+"""TRL integration: Antibody's fine-tuning stage as a TRL ``SFTTrainer``, and our kernel in TRL's fused-head slot
+(:func:`use_fused_head`, from :mod:`antibody_fast.integrations.trl_head`).
 
 :class:`AntibodySFTTrainer` is a ``trl.SFTTrainer`` whose optimizer step is :func:`antibody_fast.weighted_step`
 (softmax weights over the batch from the completion-vs-refusal log-likelihood ratio, temperature τ; see
@@ -30,8 +31,15 @@ from collections.abc import Sequence
 import trl
 
 from .hf import AntibodyFinetuneTrainer
+from .trl_head import FusedHeadHandle, remove_fused_head, use_fused_head
 
-__all__ = ["AntibodySFTTrainer", "to_antibody_examples"]
+__all__ = [
+    "AntibodySFTTrainer",
+    "FusedHeadHandle",
+    "remove_fused_head",
+    "to_antibody_examples",
+    "use_fused_head",
+]
 
 
 def _render(tokenizer, messages, *, generation_prompt: bool) -> str:

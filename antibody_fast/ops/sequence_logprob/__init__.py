@@ -5,6 +5,9 @@ Public API
 * :func:`sequence_logprob` -- from logits ``[B, T, V]`` (or packed ``[N, V]``).
 * :func:`linear_sequence_logprob` -- from hidden states ``[B, T, H]`` and the lm_head weight ``[V, H]``;
   logits are never materialised beyond a bounded tile and ignored rows are dropped before any matmul.
+* :func:`linear_token_logprob` -- the same fused op with one "sequence" per position: per-token log-probs
+  (differentiable) and, on request, each position's entropy and top-1 flag, computed in the same pass (the
+  outputs TRL's fused-head slot expects; :mod:`antibody_fast.integrations.trl`).
 * :func:`paired_sequence_logprob` -- completion rows (with grad) and refusal rows (never with grad) reduced in
   one launch.
 * :func:`sequence_logprob_reference`, :func:`linear_sequence_logprob_reference` -- readable torch references
@@ -64,8 +67,10 @@ from ...dispatch import resolve_impl
 from . import _register
 from ._torch import (
     SeqLogprob,
+    TokenLogprob,
     linear_sequence_logprob_chunked_reference,
     linear_sequence_logprob_reference,
+    linear_token_logprob_reference,
     sequence_logprob_reference,
 )
 
@@ -92,6 +97,9 @@ from ._validate import (
 
 __all__ = [
     "SeqLogprob",
+    "TokenLogprob",
+    "linear_token_logprob",
+    "linear_token_logprob_reference",
     "sequence_logprob",
     "linear_sequence_logprob",
     "paired_sequence_logprob",
@@ -229,8 +237,8 @@ def linear_sequence_logprob(
     any_grad, wb_grad = _grad_mode(hidden, weight, bias)
     mode = "none" if not any_grad else ("recompute" if wb_grad else _frozen_strategy(hidden.device))
     ng = flat.shape[0] if any_grad else 0
-    logprob, num_tokens, _, _ = _register.linear_sequence_logprob_fwd(
-        flat, weight, bias, targets, sids, S, ng, softcap, int(ignore_index), mode, resolved
+    logprob, num_tokens, *_ = _register.linear_sequence_logprob_fwd(
+        flat, weight, bias, targets, sids, S, ng, softcap, int(ignore_index), mode, False, resolved
     )
     return SeqLogprob(logprob, num_tokens)
 
@@ -285,9 +293,84 @@ def paired_sequence_logprob(
     flat = torch.cat([fc, fr], dim=0)
     targets = torch.cat([tc, tr])
     sids = torch.cat([ic, ir + Sc])
-    logprob, num_tokens, _, _ = _register.linear_sequence_logprob_fwd(
-        flat, weight, bias, targets, sids, Sc + Sr, ng, softcap, int(ignore_index), mode, resolved
+    logprob, num_tokens, *_ = _register.linear_sequence_logprob_fwd(
+        flat, weight, bias, targets, sids, Sc + Sr, ng, softcap, int(ignore_index), mode, False, resolved
     )
     lp_c, lp_r = logprob.split([Sc, Sr])
     nt_c, nt_r = num_tokens.split([Sc, Sr])
     return SeqLogprob(lp_c, nt_c), SeqLogprob(lp_r.detach(), nt_r)
+
+
+def linear_token_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    stats: bool = False,
+    impl: str = "auto",
+    validate: bool | None = None,
+) -> TokenLogprob:
+    """Per-token ``log p(label)`` fused with the lm_head (the per-sequence kernels with one sequence per row), and
+    with ``stats`` each scored position's entropy and top-1 flag from the same pass over the logits.
+
+    Args:
+        hidden: ``[B, T, H]`` with ``labels [B, T]`` (``shift``: position ``t`` scores ``labels[:, t + 1]``, the
+            last position nothing), or rows ``[N, H]`` with ``labels [N]`` (row ``i`` scores ``labels[i]``).
+        weight, bias, softcap, ignore_index, impl, validate: as :func:`linear_sequence_logprob`.
+        stats: also compute ``entropy`` and ``is_top1`` (metrics: no gradient flows through them).
+
+    Returns:
+        :class:`TokenLogprob` ``(log_probs, entropy, is_top1, mask)``, each of the labels' shape; 0 / False on
+        unscored positions. ``log_probs`` is float32 (float64 for float64 inputs) and differentiable w.r.t.
+        ``hidden`` (and ``weight`` / ``bias`` when they require grad).
+    """
+    op = "linear_token_logprob"
+    softcap = check_softcap(softcap, op)
+    check_head(hidden, weight, bias, op)
+    if hidden.dim() == 2:
+        if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"{op}: rows form expects labels [N] with N = {hidden.shape[0]}, got {tuple(labels.shape)}"
+            )
+        N = hidden.shape[0]
+        seq_ids = torch.arange(N, device=hidden.device)
+        flat, lead = flatten_hidden(hidden, seq_ids, op)
+        targets, _, _ = to_rows(
+            labels,
+            seq_ids,
+            N,
+            shift=False,
+            ignore_index=ignore_index,
+            lead_shape=lead,
+            device=hidden.device,
+            op=op,
+        )
+    else:
+        flat, lead = flatten_hidden(hidden, None, op)
+        targets, _, _ = to_rows(
+            labels, None, None, shift=shift, ignore_index=ignore_index, lead_shape=lead, device=hidden.device,
+            op=op,
+        )  # fmt: skip
+    N = flat.shape[0]
+    sids = torch.arange(N, device=hidden.device)
+    V = weight.shape[0]
+    if want_validate(validate, hidden.device):
+        validate_rows(targets, sids, N, V, ignore_index, op)
+    resolved = resolve_impl("linear_sequence_logprob", impl, hidden.device, hidden.dtype)
+    any_grad, wb_grad = _grad_mode(hidden, weight, bias)
+    mode = "none" if not any_grad else ("recompute" if wb_grad else _frozen_strategy(hidden.device))
+    ng = N if any_grad else 0
+    logprob, num_tokens, _, _, entropy, top1 = _register.linear_sequence_logprob_fwd(
+        flat, weight, bias, targets, sids, N, ng, softcap, int(ignore_index), mode, bool(stats), resolved
+    )
+    shape = tuple(labels.shape)
+    return TokenLogprob(
+        logprob.reshape(shape),
+        entropy.reshape(shape) if stats else None,
+        top1.reshape(shape) if stats else None,
+        (targets != ignore_index).reshape(shape),
+    )

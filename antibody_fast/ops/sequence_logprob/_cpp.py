@@ -8,7 +8,8 @@ from ._torch import LinearGradParams, LinearParams, LogitsGradParams, LogitsPara
 
 def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: LinearParams):
     out = cpp_ops().linear_sequence_logprob_fwd(
-        hidden, weight, bias, targets, seq_ids, p.num_seqs, p.num_grad_rows, p.softcap, p.ignore_index, p.mode
+        hidden, weight, bias, targets, seq_ids, p.num_seqs, p.num_grad_rows, p.softcap, p.ignore_index, p.mode,
+        p.row_stats,
     )  # fmt: skip
     return tuple(out)
 

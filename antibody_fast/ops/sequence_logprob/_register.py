@@ -54,7 +54,8 @@ for _name, _doc in OPS.items():
 
 LINEAR_FWD_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor seq_ids, int num_seqs, "
-    "int num_grad_rows, float? softcap, int ignore_index, str mode, str impl) -> (Tensor, Tensor, Tensor, Tensor)"
+    "int num_grad_rows, float? softcap, int ignore_index, str mode, bool row_stats, str impl) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 LINEAR_BWD_SCHEMA = (
     "(Tensor grad_logprob, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor seq_ids, "
@@ -69,7 +70,18 @@ BWD_SCHEMA = (
 
 
 def _linear_fwd_fake(
-    hidden, weight, bias, targets, seq_ids, num_seqs, num_grad_rows, softcap, ignore_index, mode, impl
+    hidden,
+    weight,
+    bias,
+    targets,
+    seq_ids,
+    num_seqs,
+    num_grad_rows,
+    softcap,
+    ignore_index,
+    mode,
+    row_stats,
+    impl,
 ):
     acc = acc_dtype(hidden.dtype)
     N, H = hidden.shape
@@ -78,6 +90,8 @@ def _linear_fwd_fake(
         hidden.new_empty(num_seqs, dtype=torch.long),
         hidden.new_empty(N, dtype=acc),
         hidden.new_empty(num_grad_rows if mode == "precompute" else 0, H, dtype=acc),
+        hidden.new_empty(N if row_stats else 0, dtype=acc),
+        hidden.new_empty(N if row_stats else 0, dtype=torch.bool),
     )
 
 
@@ -110,14 +124,17 @@ def _bwd_fake(grad, logits, targets, seq_ids, lse, ignore_index, impl):
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, seq_ids, num_seqs, ng, softcap, ignore_index, mode, impl = inputs
-    _, num_tokens, lse, dh = output
+    hidden, weight, bias, targets, seq_ids, num_seqs, ng, softcap, ignore_index, mode, _row_stats, impl = (
+        inputs
+    )
+    _, num_tokens, lse, dh, entropy, top1 = output
     ctx.save_for_backward(hidden, weight, bias, targets, seq_ids, lse, dh)
     ctx.meta = (num_seqs, ng, softcap, ignore_index, mode, impl)
-    ctx.mark_non_differentiable(num_tokens, lse, dh)
+    # the row statistics are metrics: no gradient flows through them (docs/design.md)
+    ctx.mark_non_differentiable(num_tokens, lse, dh, entropy, top1)
 
 
-def _linear_backward(ctx, g_logprob, _g_num_tokens, _g_lse, _g_dh):
+def _linear_backward(ctx, g_logprob, _g_num_tokens, _g_lse, _g_dh, _g_entropy, _g_top1):
     hidden, weight, bias, targets, seq_ids, lse, dh = ctx.saved_tensors
     num_seqs, ng, softcap, ignore_index, mode, impl = ctx.meta
     nh, nw, nb = (
@@ -143,7 +160,7 @@ def _linear_backward(ctx, g_logprob, _g_num_tokens, _g_lse, _g_dh):
             d_h = a if nh else None
             d_w = b if nw else None
             d_b = c if nb else None
-    return d_h, d_w, d_b, None, None, None, None, None, None, None, None
+    return d_h, d_w, d_b, None, None, None, None, None, None, None, None, None
 
 
 def _setup_context(ctx, inputs, output):

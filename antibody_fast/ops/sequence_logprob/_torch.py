@@ -21,6 +21,19 @@ from .._dtypes import acc_dtype
 from ._validate import to_rows
 
 
+class TokenLogprob(NamedTuple):
+    """Per-token result of :func:`~antibody_fast.ops.sequence_logprob.linear_token_logprob`, each of the labels'
+    leading shape (``[B, T]`` or ``[N]``), 0 / False where nothing is scored. ``log_probs``: ``log p(label)``,
+    float32 (float64 for float64 inputs), differentiable. ``entropy``: the next-token distribution's entropy, and
+    ``is_top1``: bool, the label is the most likely token (both ``None`` unless asked for; never differentiable).
+    ``mask``: bool, the scored positions."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None
+    is_top1: torch.Tensor | None
+    mask: torch.Tensor
+
+
 class SeqLogprob(NamedTuple):
     """Per-sequence result. ``logprob``: ``[S]`` float32 (float64 for float64 inputs), the sum of
     ``log p(label)`` over scored positions (0 for a sequence with none). ``num_tokens``: ``[S]`` int64."""
@@ -43,6 +56,7 @@ class LinearParams:
     softcap: float | None  # logits -> softcap * tanh(logits / softcap), or None
     ignore_index: int  # the target of an unscored row
     mode: str  # gradient strategy: "none" | "precompute" | "recompute" (the package docstring)
+    row_stats: bool  # also per-row entropy [N] and top-1 flag [N] (0 / False on unscored rows)
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,20 @@ def _times_seq_grad(dz, g_all, seq_ids, rows, ok):
     return dz * torch.where(ok, gs, torch.zeros_like(gs))[:, None]
 
 
+def _row_stats(z, row_lse, ok, tgt):
+    """``(entropy, top1)`` per row: ``lse - sum_v p_v z_v`` (terms with ``p_v = 0`` skipped, so a ``-inf``
+    logit adds nothing) and whether the target's logit is the largest; 0 / False on an unscored row."""
+    p = (z - row_lse[:, None]).exp()
+    pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(1)
+    ent = row_lse - pz
+    ent = torch.where(torch.isfinite(ent), ent, torch.full_like(ent, float("nan")))
+    top = z.gather(1, tgt[:, None]).squeeze(1) >= z.amax(1)
+    return torch.where(ok, ent, torch.zeros_like(ent)), top & ok
+
+
 def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: LinearParams):
-    """``(logprob [S], num_tokens [S], lse [N], dh [num_grad_rows or 0, H])``, chunked over the scored rows."""
+    """``(logprob [S], num_tokens [S], lse [N], dh [num_grad_rows or 0, H], entropy [N or 0], top1 [N or 0]
+    bool)``, chunked over the scored rows."""
     S, ng, softcap, ignore_index, mode = p.num_seqs, p.num_grad_rows, p.softcap, p.ignore_index, p.mode
     N, H = hidden.shape
     V = weight.shape[0]
@@ -149,6 +175,9 @@ def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: Linea
     num_tokens = torch.zeros(S, dtype=torch.long, device=dev)
     lse = torch.zeros(N, dtype=acc, device=dev)
     dh = torch.zeros(ng if mode == "precompute" else 0, H, dtype=acc, device=dev)
+    n_stats = N if p.row_stats else 0
+    entropy = torch.zeros(n_stats, dtype=acc, device=dev)
+    top1 = torch.zeros(n_stats, dtype=torch.bool, device=dev)
     valid = targets != ignore_index
     num_tokens.index_add_(0, seq_ids, valid.long())
     w = weight.to(acc)
@@ -163,6 +192,10 @@ def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: Linea
         lp = _row_logprob(z, row_lse, ok, tgt)
         lse.index_copy_(0, rows, row_lse)
         logprob.index_add_(0, seq_ids.index_select(0, rows), lp)
+        if p.row_stats:
+            ent, top = _row_stats(z, row_lse, ok, tgt)
+            entropy.index_copy_(0, rows, ent)
+            top1.index_copy_(0, rows, top)
         if mode == "precompute":
             g = rows < ng
             dz = _dlogp_dz(z, row_lse, tgt, t)
@@ -177,7 +210,7 @@ def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: Linea
                 if stop > start:
                     dh[start:stop] = d[: stop - start]
         _chunk_start[0] += rows.shape[0]
-    return logprob, num_tokens, lse, dh
+    return logprob, num_tokens, lse, dh, entropy, top1
 
 
 def linear_sequence_logprob_bwd(grad, hidden, weight, bias, targets, seq_ids, lse, p: LinearGradParams):
@@ -311,6 +344,44 @@ def linear_sequence_logprob_reference(
         seq_ids=seq_ids,
         num_seqs=num_seqs,
         softcap=softcap,
+    )
+
+
+def linear_token_logprob_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+) -> TokenLogprob:
+    """Readable reference of the per-token op: the full logits, ``log_softmax``, the entropy
+    ``-sum(p log p)`` and ``argmax == label``. ``hidden [B, T, H]`` with ``labels [B, T]`` (``shift`` as
+    :func:`linear_sequence_logprob`) or rows ``hidden [N, H]`` with ``labels [N]`` (no shift)."""
+    lead = tuple(labels.shape)
+    labels = labels.long()
+    if shift and labels.dim() == 2:
+        labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
+    z = (hidden @ weight.t()).reshape(-1, weight.shape[0])
+    if bias is not None:
+        z = z + bias
+    z = z.to(acc_dtype(hidden.dtype))
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, dim=-1)
+    t = labels.reshape(-1)
+    valid = t != ignore_index
+    tok = logp.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
+    ent = -(logp.exp() * torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))).sum(1)
+    top = z.argmax(1) == t
+    zero = torch.zeros_like(tok)
+    return TokenLogprob(
+        torch.where(valid, tok, zero).reshape(lead),
+        torch.where(valid, ent, zero).reshape(lead),
+        (top & valid).reshape(lead),
+        valid.reshape(lead),
     )
 
 

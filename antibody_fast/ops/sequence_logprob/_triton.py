@@ -229,8 +229,8 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: LinearParams):
-    """``(logprob [S], num_tokens [S], lse [N], dh [num_grad_rows or 0, H])`` (float32), 2 launches (+ the
-    dz / dH pass for ``mode="precompute"``)."""
+    """``(logprob [S], num_tokens [S], lse [N], dh [num_grad_rows or 0, H], entropy [N or 0], top1 [N or 0]
+    bool)`` (float32), 2 launches (+ the dz / dH pass for ``mode="precompute"``)."""
     S, ng, softcap, ignore_index, mode = p.num_seqs, p.num_grad_rows, p.softcap, p.ignore_index, p.mode
     hidden, weight, bias = _aligned(hidden), _aligned(weight), _aligned(bias)
     N, H = hidden.shape
@@ -240,10 +240,13 @@ def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: Linea
     logprob = torch.zeros(S, dtype=f32, device=dev)
     lse = torch.zeros(N, dtype=f32, device=dev)
     dh = torch.zeros(ng if mode == "precompute" else 0, H, dtype=f32, device=dev)
+    stats = p.row_stats
+    entropy = torch.zeros(N if stats else 0, dtype=f32, device=dev)
+    top1 = torch.zeros(N if stats else 0, dtype=torch.int8, device=dev)
     valid = targets != ignore_index
     num_tokens = torch.zeros(S, dtype=torch.long, device=dev).index_add_(0, seq_ids, valid.long())
     if N == 0 or V == 0:
-        return logprob, num_tokens, lse, dh
+        return logprob, num_tokens, lse, dh, entropy, top1.view(torch.bool)
     k = _kernels()
     grad_row = torch.arange(N, device=dev) < ng
     perm, n_valid = _sorted_rows(valid, grad_row)
@@ -253,19 +256,21 @@ def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: Linea
     n_pad = _cdiv(N, 16) * 16  # partial rows padded: the stride stays divisible by 16 (one specialization)
     part_m = torch.empty(n_chunks, n_pad, dtype=f32, device=dev)
     part_l = torch.empty(n_chunks, n_pad, dtype=f32, device=dev)
+    part_t = torch.empty(n_chunks, n_pad, dtype=f32, device=dev) if stats else part_l  # unused without stats
     z_t = torch.empty(N, dtype=f32, device=dev)
     b_arg = bias if bias is not None else hidden
     sc = float(softcap) if softcap is not None else 1.0
     _launch(
         "fwd", kind, lambda m: (_cdiv(N, m["BLOCK_M"]), n_chunks),
-        hidden, weight, b_arg, targets, perm, n_valid, part_m, part_l, z_t, H, V, chunk,
+        hidden, weight, b_arg, targets, perm, n_valid, part_m, part_l, part_t, z_t, H, V, chunk,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), part_m.stride(0), sc,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT_F32=kind != "tc",
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT_F32=kind != "tc", STATS=stats,
     )  # fmt: skip
     BR, BC, warps = COMBINE_BLOCKS["cpu" if dev.type == "cpu" else "cuda"]
     k._lse_combine_kernel[(_cdiv(N, BR),)](
-        part_m, part_l, z_t, targets, seq_ids, perm, n_valid, lse, logprob, n_chunks, part_m.stride(0), V,
-        BLOCK_R=BR, BLOCK_C=BC, num_warps=warps,
+        part_m, part_l, part_t, z_t, targets, seq_ids, perm, n_valid, lse, logprob,
+        entropy if stats else lse, top1 if stats else z_t, n_chunks, part_m.stride(0), V,
+        STATS=stats, BLOCK_R=BR, BLOCK_C=BC, num_warps=warps,
     )  # fmt: skip
     if mode == "precompute" and ng > 0:
         # dlogp/dh of every grad row: the backward's dz / dH pass with g = 1 (see the schedule notes above)
@@ -274,7 +279,7 @@ def linear_sequence_logprob_fwd(hidden, weight, bias, targets, seq_ids, p: Linea
         _linear_grads(
             hidden, weight, bias, targets, seq_ids, lse, ones, perm, n_grad, ng, softcap, dh, None, None
         )
-    return logprob, num_tokens, lse, dh
+    return logprob, num_tokens, lse, dh, entropy, top1.view(torch.bool)
 
 
 def linear_sequence_logprob_bwd(grad, hidden, weight, bias, targets, seq_ids, lse, p: LinearGradParams):
