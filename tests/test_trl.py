@@ -259,6 +259,66 @@ def test_antibody_sft_trainer_equals_weighted_step(tmp_path, kind):
         assert {"weight_harmful", "weight_benign", "weight_min", "weight_max"} <= h.keys()
 
 
+@pytest.mark.parametrize("kind", ["text", "conversational"])
+def test_antibody_alignment_sft_trainer_equals_align_step(tmp_path, kind):
+    """Each optimizer step of AntibodyAlignmentSFTTrainer is align_step on the batch it collated (replayed on an
+    identical model with its own AlignState): weights, the λ EMA and the logged λ_t / loss."""
+    from transformers import get_scheduler
+
+    from antibody_fast import AlignConfig, AlignState, align_step
+    from antibody_fast.integrations.trl import AntibodyAlignmentSFTTrainer
+
+    tok = _chat_tokenizer()
+    model = _model(True)
+    init = copy.deepcopy(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    args = _sft_args(tmp_path)
+    args.max_length = 64
+    refusals = ["I cannot help with that.", "Sorry, no."]
+    align_rows = _rows(kind)
+    for r in align_rows:  # A: the same prompts answered with a refusal
+        if kind == "text":
+            r["completion"] = " I cannot help with that."
+        else:
+            r["completion"] = [{"role": "assistant", "content": "I cannot help with that."}]
+    harmful_rows = _rows(kind, 5)
+    config = AlignConfig(rule="cosine", rho=0.1, eta=5.0, lambda_ref=0.05)
+    trainer = AntibodyAlignmentSFTTrainer(
+        model=model, args=args, train_dataset=align_rows, harmful_dataset=harmful_rows, processing_class=tok,
+        align_config=config, refusals=refusals, optimizers=(opt, None),
+    )  # fmt: skip
+    rec = _Recorder(trainer.data_collator)
+    trainer.data_collator = rec
+    trainer.train()
+    assert len(rec.batches) >= 2
+    batch0, a0, h0 = rec.batches[0]
+    text = tok.decode(batch0.harmful.input_ids[0][batch0.harmful.attention_mask[0].bool()])
+    assert "answer" in text and "question" in text, text
+    if kind == "conversational":
+        assert "<|assistant|>" in text, text
+
+    params = [p for p in init.parameters() if p.requires_grad]
+    ref_opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = get_scheduler("linear", ref_opt, num_warmup_steps=0, num_training_steps=2)
+    state = AlignState()
+    ref_cfg = AlignConfig(rule="cosine", rho=0.1, eta=5.0, lambda_ref=0.05, max_grad_norm=1.0)
+    ref_stats = [align_step(init, b[0], ref_opt, state, ref_cfg, sched) for b in rec.batches[:2]]
+    got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in init.named_parameters():
+        if p.requires_grad:
+            assert_close(got[n], p.detach(), atol=1e-6, rtol=1e-5, name=n)
+    assert_close(trainer.align_state.lambda_ema, state.lambda_ema, name="lambda EMA")
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for h, st in zip(logs, ref_stats):
+        assert h["lambda_t"] == pytest.approx(st.lambda_t.item(), rel=1e-5)
+        assert h["loss"] == pytest.approx(st.loss.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="harmful_dataset"):
+        AntibodyAlignmentSFTTrainer(
+            model=_model(True), args=args, train_dataset=align_rows, processing_class=tok
+        )
+
+
 def test_antibody_sft_trainer_rejects_bad_input(tmp_path):
     from antibody_fast.integrations.trl import AntibodySFTTrainer, to_antibody_examples
 

@@ -7,8 +7,9 @@ Names load lazily: importing ``antibody_fast.integrations`` imports neither tran
   fused head, it raises :class:`FusedLossBypassedError` instead of being skipped in silence.
 * :func:`use_fused_head` (:mod:`.trl_head`, needs TRL): TRL's own fused-head slot (``fused_lm_head=True``)
   computes with our op (per-token log-probs, entropy, top-1 flags).
-* :class:`AntibodySFTTrainer` (:mod:`.trl`, needs TRL): a ``trl.SFTTrainer`` whose update is
-  :func:`antibody_fast.weighted_step`, on TRL's prompt-completion and conversational formats.
+* :class:`AntibodySFTTrainer` / :class:`AntibodyAlignmentSFTTrainer` (:mod:`.trl`, needs TRL): ``trl.SFTTrainer``
+  subclasses whose update is :func:`antibody_fast.weighted_step` / :func:`antibody_fast.align_step`, on TRL's
+  prompt-completion and conversational formats.
 * :class:`AntibodyAlignmentTrainer`, :class:`AntibodyFinetuneTrainer` (:mod:`.hf`): ``transformers.Trainer``
   subclasses whose update is :func:`antibody_fast.align_step` / :func:`antibody_fast.weighted_step`;
   :class:`BoosterTrainer` = the alignment trainer with ``rule="constant", lambda_ref=0``.
@@ -28,6 +29,7 @@ _EXPORTS = {
     "BoosterTrainer": "antibody_fast.integrations.hf",
     "FusedLossBypassedError": "antibody_fast.integrations.fused_loss",
     "AntibodySFTTrainer": "antibody_fast.integrations.trl",
+    "AntibodyAlignmentSFTTrainer": "antibody_fast.integrations.trl",
     "use_fused_head": "antibody_fast.integrations.trl_head",
     "remove_fused_head": "antibody_fast.integrations.trl_head",
     "FusedHeadHandle": "antibody_fast.integrations.trl_head",

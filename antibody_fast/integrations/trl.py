@@ -20,7 +20,11 @@ our collator tokenises prompt + completion jointly, as the authors do, truncatin
 ``args.max_length``. Everything else (gradient accumulation, clipping, LR schedule, bf16, DDP, logging) works as in
 :class:`antibody_fast.integrations.AntibodyFinetuneTrainer`, whose update this trainer shares.
 
-Import it as ``from antibody_fast.integrations.trl import AntibodySFTTrainer`` (needs ``pip install trl``).
+:class:`AntibodyAlignmentSFTTrainer` does the same for the alignment stage (:func:`antibody_fast.align_step`, the
+update of :class:`antibody_fast.integrations.AntibodyAlignmentTrainer`) on A (harmful prompt -> refusal) and H
+(harmful prompt -> harmful answer) rows in the same formats.
+
+Import them as ``from antibody_fast.integrations.trl import AntibodySFTTrainer`` (needs ``pip install trl``).
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from collections.abc import Sequence
 
 import trl
 
-from .hf import AntibodyFinetuneTrainer
+from .hf import AntibodyAlignmentTrainer, AntibodyFinetuneTrainer
 from .trl_head import FusedHeadHandle, remove_fused_head, use_fused_head
 
 __all__ = [
+    "AntibodyAlignmentSFTTrainer",
     "AntibodySFTTrainer",
     "FusedHeadHandle",
     "remove_fused_head",
@@ -100,6 +105,37 @@ def to_antibody_examples(rows: Sequence[dict], tokenizer=None) -> list[dict]:
     return out
 
 
+def _trl_init_args(trainer: str, model, args, processing_class):
+    """The checks both TRL trainers share; returns a copy of ``args`` with TRL's dataset preparation skipped
+    (our collators tokenise prompt + completion jointly) and the collator's ``max_length``."""
+    if processing_class is None:
+        raise ValueError(f"{trainer}: processing_class (the tokenizer) is required")
+    if isinstance(model, str):
+        raise TypeError(f"{trainer}: pass a model object, not a model id")
+    if args is None:
+        raise ValueError(f"{trainer}: args (a trl.SFTConfig) is required")
+    if getattr(args, "packing", False):
+        raise ValueError(f"{trainer}: packing is not supported (each sample needs its own weight)")
+    args = copy.copy(args)  # the caller's config is not changed
+    args.dataset_kwargs = {**(getattr(args, "dataset_kwargs", None) or {}), "skip_prepare_dataset": True}
+    return args, getattr(args, "max_length", None) or 1024
+
+
+def _examples(rows, tokenizer, *, as_dataset: bool):
+    """TRL rows -> antibody_fast examples with ``index`` (default: the position), as a ``datasets.Dataset``
+    (what ``SFTTrainer`` accepts as its train set) or a list."""
+    if rows is None:
+        return None
+    examples = to_antibody_examples(list(rows), tokenizer)
+    for i, ex in enumerate(examples):
+        ex.setdefault("index", i)
+    if not as_dataset:
+        return examples
+    import datasets
+
+    return datasets.Dataset.from_list(examples)
+
+
 class AntibodySFTTrainer(AntibodyFinetuneTrainer, trl.SFTTrainer):
     """``trl.SFTTrainer`` for Antibody's fine-tuning stage: each optimizer step is
     :func:`antibody_fast.weighted_step` on the accumulated micro-batches.
@@ -127,35 +163,61 @@ class AntibodySFTTrainer(AntibodyFinetuneTrainer, trl.SFTTrainer):
         refusals=None,
         **kwargs,
     ):
-        if processing_class is None:
-            raise ValueError("AntibodySFTTrainer: processing_class (the tokenizer) is required")
-        if isinstance(model, str):
-            raise TypeError("AntibodySFTTrainer: pass a model object, not a model id")
-        if args is None:
-            raise ValueError("AntibodySFTTrainer: args (a trl.SFTConfig) is required")
-        if getattr(args, "packing", False):
-            raise ValueError(
-                "AntibodySFTTrainer: packing is not supported (each sample needs its own weight)"
-            )
-        args = copy.copy(args)  # the caller's config is not changed
-        args.dataset_kwargs = {**(getattr(args, "dataset_kwargs", None) or {}), "skip_prepare_dataset": True}
-        rows = list(train_dataset) if train_dataset is not None else None
-        examples = None
-        if rows is not None:
-            import datasets
-
-            examples = to_antibody_examples(rows, processing_class)
-            for i, ex in enumerate(examples):
-                ex.setdefault("index", i)
-            examples = datasets.Dataset.from_list(examples)  # SFTTrainer accepts datasets.Dataset only
-        max_length = getattr(args, "max_length", None) or 1024
+        args, max_length = _trl_init_args("AntibodySFTTrainer", model, args, processing_class)
         super().__init__(
             model=model,
             args=args,
-            train_dataset=examples,
+            train_dataset=_examples(train_dataset, processing_class, as_dataset=True),
             processing_class=processing_class,
             finetune_config=antibody_config,
             refusals=refusals,
             max_length=max_length,
+            **kwargs,
+        )
+
+
+class AntibodyAlignmentSFTTrainer(AntibodyAlignmentTrainer, trl.SFTTrainer):
+    """``trl.SFTTrainer`` for Antibody's alignment stage: each optimizer step is :func:`antibody_fast.align_step`
+    (the update of :class:`antibody_fast.integrations.AntibodyAlignmentTrainer`), on TRL's dataset formats.
+
+    Args:
+        model: HF causal LM (PEFT-wrapped or not; a model object).
+        args: ``trl.SFTConfig`` (``max_length``: the collators' right-truncation length; ``max_grad_norm``,
+            ``gradient_accumulation_steps``, LR schedule and ``bf16`` are honoured).
+        train_dataset: the alignment set A (harmful prompt -> refusal) as TRL rows (module docstring formats).
+        harmful_dataset: the harmful set H (harmful prompt -> harmful answer) as TRL rows. Each A row is paired
+            with an H row as in the HF trainer (a shuffle seeded with ``harmful_seed``, default ``args.seed``).
+        processing_class: the tokenizer (required; chat template for conversational rows).
+        align_config: :class:`~antibody_fast.AlignConfig` (``rule``: ``"cosine"`` Antibody, ``"constant"`` with
+            ``lambda_ref=0`` Booster); ``refusals``: the pool of the refusal view R (default: shipped pool).
+        **kwargs: other ``SFTTrainer`` arguments. A custom ``data_collator`` is not supported.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        train_dataset=None,
+        harmful_dataset=None,
+        *,
+        processing_class=None,
+        align_config=None,
+        refusals=None,
+        harmful_seed: int | None = None,
+        **kwargs,
+    ):
+        args, max_length = _trl_init_args("AntibodyAlignmentSFTTrainer", model, args, processing_class)
+        if harmful_dataset is None:
+            raise ValueError("AntibodyAlignmentSFTTrainer: harmful_dataset (the harmful set H) is required")
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=_examples(train_dataset, processing_class, as_dataset=True),
+            harmful_dataset=_examples(harmful_dataset, processing_class, as_dataset=False),
+            processing_class=processing_class,
+            align_config=align_config,
+            refusals=refusals,
+            max_length=max_length,
+            harmful_seed=harmful_seed,
             **kwargs,
         )
