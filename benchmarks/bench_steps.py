@@ -23,6 +23,10 @@ Configurations (LoRA r=16 on q, k, v; AdamW; ragged prompts and answers, prompt-
 * GPU (bf16 weights, ``gpu`` marker): a ~1B Llama (Llama-3.2-1B shape: hidden 2048, 16 layers, 32 heads, 8 KV
   heads, MLP 8192, vocab 128256); batch 8, sequence 512 (prompts up to 256, answers up to 256).
 * Quick mode (``ANTIBODY_FAST_BENCH_QUICK=1``): hidden 64, 2 layers, vocab 2048, batch 4, sequence 64.
+* ``test_step_smollm2`` (CPU, fp32, not in quick mode): the shapes of the real-model demo, SmolLM2-135M-Instruct
+  (hidden 576, 30 layers, 9 heads, 3 KV heads, MLP 1536, vocab 49152, tied embeddings; random weights: the cost
+  does not depend on their values); LoRA r=32 on q, k, v; batch 8, prompts up to 60 tokens, answers up to 60,
+  refusals up to 24 (the demo's batches are ~8 x 108 with ~21-token refusals).
 
 ``extra_info``: ``op="step"``, ``provider``, ``mode``, ``device``, ``dtype``, ``shape``, ``tokens_per_step``
 (real prompt + answer tokens of the batch(es) one step consumes) and ``peak_mem_bytes`` (one step, measured
@@ -58,11 +62,13 @@ class StepConfig:
     max_answer: int
     max_refusal: int
     lora_r: int = 16
+    tied: bool = False  # lm_head tied to the input embeddings (SmolLM2)
 
 
 CPU = StepConfig("llama-h256-l4-v32000", 256, 4, 4, 2, 688, 32000, 8, 128, 128, 32)
 GPU = StepConfig("llama-1b-v128256", 2048, 16, 32, 8, 8192, 128256, 8, 256, 256, 48)
 QUICK = StepConfig("llama-h64-l2-v2048", 64, 2, 4, 2, 128, 2048, 4, 32, 32, 12, lora_r=8)
+SMOLLM2 = StepConfig("smollm2-135m-shape", 576, 30, 9, 3, 1536, 49152, 8, 60, 60, 24, lora_r=32, tied=True)
 
 _MEDIANS: dict[tuple[str, str], float] = {}
 
@@ -111,6 +117,9 @@ def _model(cfg: StepConfig, device: str, dtype: torch.dtype):
         dtype=dtype,
         max_positions=4096,
     )
+    if cfg.tied:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
     model = add_lora(model, r=cfg.lora_r, targets=("q_proj", "k_proj", "v_proj"), random_init=True)
     model.to(device)
     # LoRA adapters in fp32 even when the base weights are bf16 (the usual mixed-precision LoRA setup)
@@ -123,7 +132,10 @@ def _model(cfg: StepConfig, device: str, dtype: torch.dtype):
 
 @pytest.fixture(scope="module")
 def data(bench_device, quick):
-    cfg = _config(bench_device, quick)
+    return _data(_config(bench_device, quick), bench_device)
+
+
+def _data(cfg: StepConfig, bench_device: str):
     pool = _pool(cfg)
     ft = FinetuneCollator(refusals=pool, max_length=cfg.max_prompt + cfg.max_answer)(
         _examples(cfg, cfg.batch, seed=1, harmful=False)
@@ -226,6 +238,35 @@ def _autocast_call(fn, device, dtype):
 
 @pytest.mark.parametrize("mode,provider", _cases())
 def test_step(benchmark, mode, provider, data, bench_device, bench_dtype, quick, timed, peak_memory, tag):
+    _bench_step(benchmark, mode, provider, data, bench_device, bench_dtype, quick, timed, peak_memory, tag)
+
+
+_SMOLLM2_DATA: dict = {}
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("mode,provider", _cases())
+def test_step_smollm2(benchmark, mode, provider, bench_device, bench_dtype, quick, timed, peak_memory, tag):
+    """The same providers at the real-model demo's shapes (SmolLM2-135M, tied embeddings); CPU only."""
+    if quick:
+        pytest.skip("SmolLM2 shapes: not in quick mode")
+    if "cpu" not in _SMOLLM2_DATA:
+        _SMOLLM2_DATA["cpu"] = _data(SMOLLM2, bench_device)
+    _bench_step(
+        benchmark,
+        mode,
+        provider,
+        _SMOLLM2_DATA["cpu"],
+        bench_device,
+        bench_dtype,
+        quick,
+        timed,
+        peak_memory,
+        tag,
+    )
+
+
+def _bench_step(benchmark, mode, provider, data, bench_device, bench_dtype, quick, timed, peak_memory, tag):
     cfg, ft, ab = data
     model, opt = _model(cfg, bench_device, bench_dtype)
     fn, tokens = _step_fn(mode, provider, model, opt, ft, ab, bench_device)
@@ -248,22 +289,27 @@ def test_step(benchmark, mode, provider, data, bench_device, bench_dtype, quick,
         peak_mem_bytes=peak,
     )
     rounds = None
-    if not quick and provider == "authors" and mode == "align" and bench_device == "cpu":
-        rounds = 5  # ~10 s per step on the 2-core development CPU
+    if not quick and bench_device == "cpu" and (cfg.tied or (provider == "authors" and mode == "align")):
+        rounds = 5  # ~10 s per authors-style align step on the 2-core development CPU; SmolLM2 steps ~2-15 s
     timed(benchmark, fn, rounds=rounds, warmup_rounds=1 if rounds else None)
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None:
-        _MEDIANS[(mode, provider)] = stats.stats.median
+        _MEDIANS[(cfg.name, mode, provider)] = stats.stats.median
 
 
-def test_report_ratios(bench_device):
+def test_report_ratios(bench_device, quick):
     """Prints the training-step target ratios from the medians measured above (no assertion: a report)."""
-    m = _MEDIANS
+    for name in (_config(bench_device, quick).name, SMOLLM2.name):
+        _report(name, {k[1:]: v for k, v in _MEDIANS.items() if k[0] == name}, bench_device)
+
+
+def _report(name: str, m: dict, bench_device: str) -> None:
     need = [("finetune", "ours"), ("finetune", "fused-sft"), ("finetune", "hf-sft"), ("finetune", "authors")]
     if not all(k in m for k in need):
-        pytest.skip("the step benchmarks did not all run")
+        print(f"\n{name}: the step benchmarks did not all run")
+        return
     lines = [
-        f"device={bench_device}",
+        f"device={bench_device} config={name}",
         f"weighted_step / sft_step          = {m['finetune', 'ours'] / m['finetune', 'fused-sft']:.3f}",
         f"authors FT / weighted_step        = {m['finetune', 'authors'] / m['finetune', 'ours']:.3f}",
         f"weighted_step / HF SFT            = {m['finetune', 'ours'] / m['finetune', 'hf-sft']:.3f}",

@@ -177,6 +177,33 @@ AF_TARGET_AVX2 void row_neg_softmax_avx2(const float* z, float* out, int64_t n, 
   for (; i < n; ++i) out[i] = -scale * fast_expf(z[i] - lse);
 }
 
+// Row statistics of a float32 row: sum of exp(z - lse) * z over the entries with exp(z - lse) > 0 (a -inf
+// logit adds nothing) and the row maximum, 16 lanes at a time.
+AF_TARGET_AVX2 void row_pz_max_avx2(const float* z, int64_t n, float lse, float* pz, float* zmax) {
+  const __m256 l = _mm256_set1_ps(lse);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 a0 = zero, a1 = zero;
+  __m256 m0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 v0 = _mm256_loadu_ps(z + i), v1 = _mm256_loadu_ps(z + i + 8);
+    const __m256 p0 = exp256(_mm256_sub_ps(v0, l)), p1 = exp256(_mm256_sub_ps(v1, l));
+    a0 = _mm256_add_ps(a0, _mm256_and_ps(_mm256_cmp_ps(p0, zero, _CMP_GT_OQ), _mm256_mul_ps(p0, v0)));
+    a1 = _mm256_add_ps(a1, _mm256_and_ps(_mm256_cmp_ps(p1, zero, _CMP_GT_OQ), _mm256_mul_ps(p1, v1)));
+    m0 = _mm256_max_ps(m0, v0);
+    m1 = _mm256_max_ps(m1, v1);
+  }
+  float s = hsum256(_mm256_add_ps(a0, a1));
+  float m = hmax256(_mm256_max_ps(m0, m1));
+  for (; i < n; ++i) {
+    const float p = fast_expf(z[i] - lse);
+    if (p > 0.f) s += p * z[i];
+    m = z[i] > m ? z[i] : m;
+  }
+  *pz = s;
+  *zmax = m;
+}
+
 bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -229,14 +256,38 @@ inline double exp_t(double x) { return std::exp(x); }
 // Row statistics of the (soft-capped) logits z[V] with log-sum-exp lse: the entropy lse - sum_v p_v z_v
 // (terms with p_v = 0 skipped, so a -inf logit adds nothing) and whether the label's logit is the largest.
 template <typename T>
-inline void row_stats(const T* z, int64_t V, int64_t label, T lse, T* entropy, bool* top1) {
+inline void row_pz_max(const T* z, int64_t V, T lse, T* pz_out, T* zmax_out) {
   double pz = 0.0;
   T zmax = -std::numeric_limits<T>::infinity();
   for (int64_t v = 0; v < V; ++v) {
     const T p = exp_t(z[v] - lse);
     if (p > T(0)) pz += static_cast<double>(p * z[v]);
-    zmax = std::max(zmax, z[v]);
+    zmax = z[v] > zmax ? z[v] : zmax;
   }
+  *pz_out = static_cast<T>(pz);
+  *zmax_out = zmax;
+}
+
+#if AF_HAVE_AVX2_CLONE
+template <>
+inline void row_pz_max<float>(const float* z, int64_t V, float lse, float* pz_out, float* zmax_out) {
+  if (cpu_has_avx2()) return row_pz_max_avx2(z, V, lse, pz_out, zmax_out);
+  double pz = 0.0;
+  float zmax = -std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < V; ++v) {
+    const float p = fast_expf(z[v] - lse);
+    if (p > 0.f) pz += static_cast<double>(p * z[v]);
+    zmax = z[v] > zmax ? z[v] : zmax;
+  }
+  *pz_out = static_cast<float>(pz);
+  *zmax_out = zmax;
+}
+#endif
+
+template <typename T>
+inline void row_stats(const T* z, int64_t V, int64_t label, T lse, T* entropy, bool* top1) {
+  T pz, zmax;
+  row_pz_max(z, V, lse, &pz, &zmax);
   *entropy = nan_if_nonfinite(static_cast<T>(lse - pz));
   *top1 = z[label] >= zmax;
 }
