@@ -70,7 +70,30 @@ GPU = StepConfig("llama-1b-v128256", 2048, 16, 32, 8, 8192, 128256, 8, 256, 256,
 QUICK = StepConfig("llama-h64-l2-v2048", 64, 2, 4, 2, 128, 2048, 4, 32, 32, 12, lora_r=8)
 SMOLLM2 = StepConfig("smollm2-135m-shape", 576, 30, 9, 3, 1536, 49152, 8, 60, 60, 24, lora_r=32, tied=True)
 
-_MEDIANS: dict[tuple[str, str], float] = {}
+_MEDIANS: dict[tuple[str, str, str], float] = {}
+_FLOORS: dict[str, float] = {}
+
+
+def flop_floor(model, ft) -> float:
+    """The FLOP-count floor of ``weighted_step`` / ``sft_step`` on batch ``ft``: what the refusal view adds to
+    plain SFT, counting matmul FLOPs only (attention scores and elementwise work left out).
+
+    SFT: the trunk's forward and backward over every real token (LoRA on frozen weights: the backward computes
+    input gradients only, about one forward), ``4 N T``, plus the lm_head on the answer rows, forward and the
+    precomputed gradient, ``4 V H A``. The refusal view adds a no-grad forward over the refusal tokens, ``2 N R``,
+    and their lm_head rows, ``2 V H R``. ``N``: trunk weights (embeddings and lm_head excluded); ``T``, ``A``,
+    ``R``: real tokens, scored answer rows and refusal rows of the batch."""
+    n = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if "embed_tokens" not in name and "lm_head" not in name
+    )
+    head = model.get_output_embeddings().weight
+    vh = head.shape[0] * head.shape[1]
+    t = int(ft.attention_mask.sum())
+    a = int((ft.labels != -100).sum())
+    r = int(ft.refusal_mask.sum())
+    return 1.0 + (2 * n * r + 2 * vh * r) / (4 * n * t + 4 * vh * a)
 
 
 def _config(device: str, quick: bool) -> StepConfig:
@@ -272,6 +295,9 @@ def _bench_step(benchmark, mode, provider, data, bench_device, bench_dtype, quic
     fn, tokens = _step_fn(mode, provider, model, opt, ft, ab, bench_device)
     fn()  # first call: packing of the flat buffer, kernel compilation / extension load
     peak = peak_memory(fn)
+    extra = {}
+    if mode == "finetune" and provider == "ours":
+        extra["flop_floor_vs_sft"] = _FLOORS[cfg.name] = round(flop_floor(model, ft), 4)
     shape = {
         "config": cfg.name,
         "batch": cfg.batch,
@@ -287,6 +313,7 @@ def _bench_step(benchmark, mode, provider, data, bench_device, bench_dtype, quic
         dtype=bench_dtype,
         tokens_per_step=tokens,
         peak_mem_bytes=peak,
+        **extra,
     )
     rounds = None
     if not quick and bench_device == "cpu" and (cfg.tied or (provider == "authors" and mode == "align")):
@@ -310,7 +337,8 @@ def _report(name: str, m: dict, bench_device: str) -> None:
         return
     lines = [
         f"device={bench_device} config={name}",
-        f"weighted_step / sft_step          = {m['finetune', 'ours'] / m['finetune', 'fused-sft']:.3f}",
+        f"weighted_step / sft_step          = {m['finetune', 'ours'] / m['finetune', 'fused-sft']:.3f}"
+        f"  (FLOP floor {_FLOORS.get(name, float('nan')):.3f})",
         f"authors FT / weighted_step        = {m['finetune', 'authors'] / m['finetune', 'ours']:.3f}",
         f"weighted_step / HF SFT            = {m['finetune', 'ours'] / m['finetune', 'hf-sft']:.3f}",
         f"sft_step / HF SFT                 = {m['finetune', 'fused-sft'] / m['finetune', 'hf-sft']:.3f}",
