@@ -49,7 +49,8 @@ CASES = [  # shift, softcap, bias
 
 
 def _dtypes(impl):
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if impl != "triton" else [])
+    # bf16 everywhere but the Triton interpreter, which computes bf16 arithmetic wrongly (skipped below)
+    return [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _run(fn, dt, hidden, weight, bias, labels, up, device, opts, **kw):

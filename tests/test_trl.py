@@ -404,6 +404,32 @@ def test_use_fused_head_matches_trl_head(tmp_path, monkeypatch, impl, lora):
     assert_close(got.loss, ref.loss, dtype_for_tol=torch.float32, name="loss")
 
 
+def test_use_fused_head_under_bf16_autocast(tmp_path):
+    """SFTConfig's default bf16 autocast: the head's matmul runs in bf16 in both heads (fp32 accumulation);
+    losses and entropies agree within bf16 tolerance."""
+    args = _sft_args(tmp_path)
+    runs = []
+    for ours in (False, True):
+        from antibody_fast.integrations.trl import use_fused_head
+
+        torch.manual_seed(0)
+        a = copy.copy(args)
+        a.bf16, a.output_dir = True, str(tmp_path / f"bf16_{ours}")
+        trainer = trl.SFTTrainer(
+            model=_model(True), args=a, train_dataset=_dataset(), processing_class=tiny_tokenizer()
+        )
+        handle = use_fused_head(trainer, impl="torch") if ours else None
+        trainer.train()
+        runs.append([h for h in trainer.state.log_history if "loss" in h])
+        if ours:
+            assert handle.calls >= 2
+    for x, y in zip(*runs):
+        for k in ("loss", "entropy"):
+            assert_close(
+                torch.tensor(y[k]), torch.tensor(x[k]), dtype_for_tol=torch.bfloat16, name=f"bf16 {k}"
+            )
+
+
 def test_use_fused_head_rejects_what_it_cannot_serve(tmp_path):
     from antibody_fast.integrations.trl import remove_fused_head, use_fused_head
     from antibody_fast.integrations.trl_head import _ATTR

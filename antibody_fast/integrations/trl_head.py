@@ -156,8 +156,9 @@ def use_fused_head(trainer_or_model, *, impl: str = "auto") -> FusedHeadHandle:
         if cast_fp32:
             hidden, weight = hidden.float(), weight.float()
             bias = bias.float() if bias is not None else None
-        elif hidden.dtype != weight.dtype:
-            dt = hidden.dtype if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+        else:  # as TRL (and HF's lm_head under autocast): the matmul in the autocast dtype when autocast is on
+            dev = hidden.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
             hidden, weight = hidden.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
         if temperature != 1.0:
