@@ -21,12 +21,19 @@ _FREE = ("seed", "seeds", "harmful_ratio", "harmful_ratios", "out", "methods", "
 """Settings in which the cells of one grid may differ."""
 
 
-def weight_ratio(row: dict) -> float | None:
+EARLY_STEPS = 5
+"""The first steps with a harmful sample in the batch, reported apart (:func:`weight_ratio`)."""
+
+
+def weight_ratio(row: dict, part: str = "all") -> float | None:
     """Mean harmful weight / mean benign weight over a ``weighted_step`` run's fine-tuning (``None`` for the
-    other methods). 1: no separation; below 1: harmful samples are down-weighted, as the method intends."""
+    other methods, or when no step qualifies). 1: no separation; below 1: harmful samples are down-weighted, as
+    the method intends. Steps whose batch lacks one of the two kinds (NaN) are skipped. ``part``: ``"all"``,
+    ``"early"`` (the first :data:`EARLY_STEPS` qualifying steps) or ``"late"`` (the others)."""
     tr = row.get("trace", {})
     h, b = tr.get("harmful_weight", []), tr.get("benign_weight", [])
-    pairs = [(x, y) for x, y in zip(h, b) if x == x and y == y]  # skip steps without one of the two (NaN)
+    pairs = [(x, y) for x, y in zip(h, b) if x == x and y == y]
+    pairs = {"all": pairs, "early": pairs[:EARLY_STEPS], "late": pairs[EARLY_STEPS:]}[part]
     if not pairs:
         return None
     return (sum(x for x, _ in pairs) / len(pairs)) / (sum(y for _, y in pairs) / len(pairs))
@@ -60,7 +67,8 @@ def grid_summary(reports: Sequence[dict]) -> dict:
             per = [x for x in per if x is not None]
             if not per:
                 continue
-            wr = [w for w in map(weight_ratio, per) if w is not None]
+            wr = {part: [w for w in (weight_ratio(x, part) for x in per) if w is not None]
+                  for part in ("all", "early", "late")}  # fmt: skip
             rows.append(
                 {
                     "method": m,
@@ -69,7 +77,9 @@ def grid_summary(reports: Sequence[dict]) -> dict:
                         rep["config"]["seed"] for rep in reps if any(x["method"] == m for x in rep["methods"])
                     ],
                     **{k: [x[k] for x in per] for k in ("hs", "fa", "hs_aligned", "benign_refusal_aligned")},
-                    "weight_ratio": wr,
+                    "weight_ratio": wr["all"],
+                    "weight_ratio_early": wr["early"],
+                    "weight_ratio_late": wr["late"],
                 }
             )
         out[f"{ratio:g}"] = rows
@@ -88,7 +98,7 @@ def format_grid_table(summary: dict) -> str:
     benign refusals (mean) and Antibody's harmful/benign weight ratio."""
     header = ["ratio", "Method", "seeds", "HS (%) ↓ mean [min–max]", "FA (%) ↑ mean [min–max]", "HS per seed",
               "FA per seed", "HS after alignment (%)", "benign refusals after alignment (%)",
-              "harmful/benign weight"]  # fmt: skip
+              "harmful/benign weight", f"same, first {EARLY_STEPS} steps / later"]  # fmt: skip
     cells = []
     for ratio, rows in summary["methods"].items():
         for r in rows:
@@ -98,8 +108,14 @@ def format_grid_table(summary: dict) -> str:
                 " / ".join(f"{x:.0f}" for x in r["hs"]), " / ".join(f"{x:.0f}" for x in r["fa"]),
                 mean(r["hs_aligned"]), mean(r["benign_refusal_aligned"]),
                 spread(r["weight_ratio"], ".2f") if r["weight_ratio"] else "",
+                (f"{_mean(r['weight_ratio_early']):.2f} / {_mean(r['weight_ratio_late']):.2f}"
+                 if r["weight_ratio_early"] and r["weight_ratio_late"] else ""),
             ])  # fmt: skip
-    return markdown_table(header, "llrrrllrrr", cells)
+    return markdown_table(header, "llrrrllrrrr", cells)
+
+
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v)
 
 
 def plot_grid(summary: dict, out: str) -> list[str]:
@@ -155,7 +171,8 @@ def write_grid_report(
         table,
         "",
         "harmful/benign weight: Antibody's mean per-sample weight of harmful samples over that of benign ones during "
-        "fine-tuning (1 = no separation).",
+        f"fine-tuning (1 = no separation; steps whose batch has both kinds), mean [min–max] over the seeds; then the "
+        f"same over the first {EARLY_STEPS} such steps and over the later ones (means over the seeds).",
         *([""] + [note] if note else []),
         "",
         f"Machines: {', '.join(summary['machines'])}. Cells: {', '.join(map(str, paths))}.",
