@@ -463,3 +463,24 @@ def test_use_fused_head_rejects_what_it_cannot_serve(tmp_path):
     assert torch.equal(ours.label_mask, theirs.label_mask)
     plain = model(input_ids=ids)  # without fused_lm_head: the model's own forward (logits)
     assert plain.logits.shape == (2, 9, VOCAB_SIZE)
+
+
+def test_use_fused_head_guard_raises_when_the_slot_is_never_used(tmp_path):
+    """A trainer that never calls the model with fused_lm_head=True: the guard raises after the first step."""
+    from antibody_fast.integrations.trl import use_fused_head
+
+    class PlainLossSFT(trl.SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            return out.logits.float().logsumexp(-1).mean()
+
+    trainer = PlainLossSFT(
+        model=_model(True),
+        args=_sft_args(tmp_path),
+        train_dataset=_dataset(),
+        processing_class=tiny_tokenizer(),
+    )
+    handle = use_fused_head(trainer)
+    with pytest.raises(FusedLossBypassedError, match="head never ran"):
+        trainer.train()
+    assert handle.calls == 0

@@ -170,19 +170,17 @@ def is_trainer(obj) -> bool:
     return hasattr(obj, "add_callback") and hasattr(obj, "model") and hasattr(obj, "args")
 
 
-def _guard_callback(handle: FusedLossHandle):
-    """A ``TrainerCallback`` that raises after the first optimizer step if the fused path never ran."""
+def bypass_guard(handle, attr: str, message: str):
+    """A ``TrainerCallback`` that raises :class:`FusedLossBypassedError` (``message``) after an optimizer step if
+    ``handle.calls`` is still 0 while ``handle`` is installed (``getattr(handle.target, attr) is handle``)."""
     from transformers import TrainerCallback
 
-    class FusedLossGuard(TrainerCallback):
+    class FusedPathGuard(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if handle.calls == 0 and getattr(handle.target, _ATTR, None) is handle:
-                raise FusedLossBypassedError(
-                    "use_fused_loss: an optimizer step finished but antibody_fast's fused loss never ran: the "
-                    "trainer computes its loss another way. " + _BYPASS_HELP
-                )
+            if handle.calls == 0 and getattr(handle.target, attr, None) is handle:
+                raise FusedLossBypassedError(message)
 
-    return FusedLossGuard()
+    return FusedPathGuard()
 
 
 def use_fused_loss(model, *, impl: str = "auto") -> FusedLossHandle:
@@ -210,7 +208,14 @@ def use_fused_loss(model, *, impl: str = "auto") -> FusedLossHandle:
         raise ValueError(f"use_fused_loss: impl must be one of {IMPLS}, got {impl!r}")
     if is_trainer(model):
         handle = use_fused_loss(model.model, impl=impl)
-        model.add_callback(_guard_callback(handle))
+        model.add_callback(
+            bypass_guard(
+                handle,
+                _ATTR,
+                "use_fused_loss: an optimizer step finished but antibody_fast's fused loss never ran: the trainer "
+                "computes its loss another way. " + _BYPASS_HELP,
+            )
+        )
         return handle
     inner = unwrap_ddp(model)
     target = unwrap_peft(inner)

@@ -30,7 +30,7 @@ import types
 import torch
 
 from .._model import get_trunk_and_head, last_hidden, unwrap_ddp, unwrap_peft
-from .fused_loss import FusedLossBypassedError, is_foreign_fused_head, is_trainer
+from .fused_loss import bypass_guard, is_foreign_fused_head, is_trainer
 
 __all__ = ["use_fused_head", "remove_fused_head", "FusedHeadHandle", "SUPPORTED_OUTPUTS"]
 
@@ -60,20 +60,6 @@ def _trl_settings(forward) -> dict:
         return {}
 
 
-def _guard(handle: FusedHeadHandle):
-    from transformers import TrainerCallback
-
-    class FusedHeadGuard(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if handle.calls == 0 and getattr(handle.target, _ATTR, None) is handle:
-                raise FusedLossBypassedError(
-                    "use_fused_head: an optimizer step finished but antibody_fast's head never ran: the trainer "
-                    "did not call the model with fused_lm_head=True. Use TRL's own head for this trainer."
-                )
-
-    return FusedHeadGuard()
-
-
 def use_fused_head(trainer_or_model, *, impl: str = "auto") -> FusedHeadHandle:
     """Make TRL's ``fused_lm_head=True`` path compute with antibody_fast's fused op.
 
@@ -96,7 +82,14 @@ def use_fused_head(trainer_or_model, *, impl: str = "auto") -> FusedHeadHandle:
         raise ValueError(f"use_fused_head: impl must be one of {IMPLS}, got {impl!r}")
     if is_trainer(trainer_or_model):
         handle = use_fused_head(trainer_or_model.model, impl=impl)
-        trainer_or_model.add_callback(_guard(handle))
+        trainer_or_model.add_callback(
+            bypass_guard(
+                handle,
+                _ATTR,
+                "use_fused_head: an optimizer step finished but antibody_fast's head never ran: the trainer did not "
+                "call the model with fused_lm_head=True. Use TRL's own head for this trainer.",
+            )
+        )
         return handle
     target = unwrap_peft(unwrap_ddp(trainer_or_model))
     existing = getattr(target, _ATTR, None)
