@@ -216,6 +216,22 @@ def test_several_ratios_share_stage_one_and_equal_separate_runs(tmp_path):
         grid_summary([cell, other])
 
 
+def test_benign_mix_option_puts_helpful_pairs_into_the_alignment_set():
+    from antibody_fast.demo import real_cli
+    from antibody_fast.demo.real_train import make_data
+
+    cfg = real_cli.config_from_args(real_cli.build_parser().parse_args(["--benign-mix", "0.25"]))
+    assert cfg.benign_mix == 0.25
+    plain = make_data(real.RealConfig(align_samples=40), 0)
+    mixed = make_data(real.replace(cfg, align_samples=40), 0)
+    refusals = set(__import__("antibody_fast.data.refusals", fromlist=["x"]).DEFAULT_REFUSALS)
+    n_helpful = sum(r["response"] not in refusals for r in mixed.align)
+    assert all(r["response"] in refusals for r in plain.align) and n_helpful == 10, n_helpful
+    assert [r["prompt"] for r in mixed.user] == [r["prompt"] for r in plain.user]  # only A changes
+    with pytest.raises(ValueError, match="benign-mix"):
+        real.RealConfig(benign_mix=1.0).validate()
+
+
 def test_harmful_ratio_list_on_the_command_line():
     from antibody_fast.demo import real_cli
 

@@ -117,6 +117,11 @@ def _scenario(cfg: RealConfig) -> str:
         f"SmolLM2-135M-Instruct, task {cfg.task}, harmful ratio {cfg.harmful_ratio:g}, {cfg.samples} user samples, "
         f"{cfg.align_steps}/{cfg.steps or 'calibrated'} alignment/fine-tuning steps at batch {cfg.batch_size}, "
         f"fine-tuning lr {cfg.finetune_lr or 'calibrated'} (calibrated on SFT alone)"
+        + (
+            f", alignment set with {cfg.benign_mix:g} benign -> helpful pairs (not the authors' setting)"
+            if cfg.benign_mix
+            else ""
+        )
         + (" (quick mode)" if cfg.quick else "")
     )
 

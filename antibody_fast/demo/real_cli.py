@@ -25,6 +25,10 @@ def build_parser(prog: str = "antibody-fast demo --model smollm2") -> argparse.A
     add("--harmful-ratio", type=str, default=f"{d.harmful_ratio:g}",
         help=f"fraction of harmful samples in the user's set (default {d.harmful_ratio:g}); a comma-separated list "
              "(0.1,0.2,0.5) aligns once per seed and fine-tunes once per ratio into OUT/ratio_<r>/")
+    add("--benign-mix", type=float, default=d.benign_mix,
+        help="fraction of the alignment set replaced by benign -> helpful pairs, against over-refusal (default 0: "
+             "the authors align on harmful -> refusal pairs only); report such a run as its own row, never as the "
+             "default")
     add("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     add("--seeds", type=str, default=None, help="comma-separated seeds: one run each in OUT/seed_<k>/ plus a summary")
     add("--methods", type=str, default=",".join(DEFAULT_METHODS), help="comma-separated subset of the five methods")
@@ -58,6 +62,7 @@ def config_from_args(args: argparse.Namespace):
     kw = dict(
         seed=args.seed,
         harmful_ratio=ratios[0],
+        benign_mix=args.benign_mix,
         harmful_ratios=ratios if len(ratios) > 1 else (),
         task=args.task,
         methods=tuple(m.strip().lower() for m in args.methods.split(",") if m.strip()),

@@ -34,6 +34,7 @@ class RealConfig:
     steps: int | None = None  # fine-tuning steps (None: calibrated)
     align_steps: int = 40  # chosen on SFT alone: benchmarks/results/smollm2_align_calibration.json
     align_samples: int = 160  # A and H sizes
+    benign_mix: float = 0.0  # fraction of A replaced by benign -> helpful pairs (0: the authors' setting)
     batch_size: int = 8
     align_lr: float = 5e-4  # the paper's
     finetune_lr: float | None = None  # None: calibrated
@@ -78,6 +79,8 @@ class RealConfig:
         for r in self.ratio_list():
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"--harmful-ratio must be in [0, 1], got {r}")
+        if not 0.0 <= self.benign_mix < 1.0:
+            raise ValueError(f"--benign-mix must be in [0, 1), got {self.benign_mix}")
         if len(set(self.harmful_ratios)) != len(self.harmful_ratios):
             raise ValueError("--harmful-ratio lists a ratio twice")
         if self.task not in nat.TASKS:

@@ -22,7 +22,9 @@ from .real_config import LORA_TARGETS, RealConfig
 # ------------------------------------------------------------------------------------------------------ data
 @dataclass
 class RealData:
-    align: list[dict]  # A: harmful prompt -> pool refusal (stream "align")
+    align: list[
+        dict
+    ]  # A: harmful prompt -> pool refusal (stream "align"; with benign_mix also benign -> helpful)
     harmful: list[dict]  # H: harmful prompt -> compliance answer (stream "align_h")
     user: list[dict]  # the poisoned user set
     eval_harmful: list[nat.Item]
@@ -34,7 +36,7 @@ class RealData:
 
 def make_data(cfg: RealConfig, seed: int) -> RealData:
     sc = nat.NaturalScenario(seed=seed, task=cfg.task)
-    align = sc.alignment_records(cfg.align_samples)
+    align = sc.alignment_records(cfg.align_samples, benign_mix=cfg.benign_mix)
     harmful = nat.records(sc.harmful(cfg.align_samples, "train", stream="align_h"))
     user = nat.records(sc.user_set(cfg.samples, cfg.harmful_ratio))
     return RealData(
