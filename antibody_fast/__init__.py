@@ -17,6 +17,8 @@ _EXPORTS = {
     "sequence_logprob": "antibody_fast.ops.sequence_logprob",
     "linear_sequence_logprob": "antibody_fast.ops.sequence_logprob",
     "paired_sequence_logprob": "antibody_fast.ops.sequence_logprob",
+    "linear_token_logprob": "antibody_fast.ops.sequence_logprob",
+    "TokenLogprob": "antibody_fast.ops.sequence_logprob",
     "sq_norm": "antibody_fast.ops.flat_ops",
     "perturb_": "antibody_fast.ops.flat_ops",
     "grad_dots": "antibody_fast.ops.flat_ops",

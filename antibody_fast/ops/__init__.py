@@ -10,13 +10,22 @@ import triton.
 """
 
 from .flat_ops import antibody_combine_, clip_, grad_dots, perturb_, restore_, sq_norm
-from .sequence_logprob import SeqLogprob, linear_sequence_logprob, paired_sequence_logprob, sequence_logprob
+from .sequence_logprob import (
+    SeqLogprob,
+    TokenLogprob,
+    linear_sequence_logprob,
+    linear_token_logprob,
+    paired_sequence_logprob,
+    sequence_logprob,
+)
 
 __all__ = [
     "SeqLogprob",
     "sequence_logprob",
     "linear_sequence_logprob",
     "paired_sequence_logprob",
+    "TokenLogprob",
+    "linear_token_logprob",
     "sq_norm",
     "perturb_",
     "restore_",
