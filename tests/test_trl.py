@@ -455,12 +455,16 @@ def test_use_fused_head_rejects_what_it_cannot_serve(tmp_path):
     labels[:, :3] = -100
     ours = model(input_ids=ids, labels=labels, fused_lm_head=True)
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-    ours_shift = model(input_ids=ids, shift_labels=shifted, fused_lm_head=True)  # pre-shifted (context parallel)
+    ours_shift = model(
+        input_ids=ids, shift_labels=shifted, fused_lm_head=True
+    )  # pre-shifted (context parallel)
     assert remove_fused_head(model) and not remove_fused_head(model)
     theirs = model(input_ids=ids, labels=labels, fused_lm_head=True)
     theirs_shift = model(input_ids=ids, shift_labels=shifted, fused_lm_head=True)
     assert ours_shift.log_probs.shape == (2, 9)
-    assert_close(ours_shift.log_probs, theirs_shift.log_probs, dtype_for_tol=torch.float32, name="shift_labels")
+    assert_close(
+        ours_shift.log_probs, theirs_shift.log_probs, dtype_for_tol=torch.float32, name="shift_labels"
+    )
     assert_close(
         ours.log_probs, theirs.log_probs, dtype_for_tol=torch.float32, name="log_probs at temperature 0.7"
     )
