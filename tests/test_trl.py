@@ -470,6 +470,10 @@ def test_use_fused_head_rejects_what_it_cannot_serve(tmp_path):
     )
     assert_close(ours.loss, theirs.loss, dtype_for_tol=torch.float32, name="loss at temperature 0.7")
     assert torch.equal(ours.label_mask, theirs.label_mask)
+    h2 = use_fused_head(model)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=ids, fused_lm_head=True)
+    h2.remove()
     plain = model(input_ids=ids)  # without fused_lm_head: the model's own forward (logits)
     assert plain.logits.shape == (2, 9, VOCAB_SIZE)
 

@@ -135,6 +135,10 @@ def use_fused_head(trainer_or_model, *, impl: str = "auto") -> FusedHeadHandle:
 
         from ..ops.sequence_logprob import linear_token_logprob
 
+        if labels is None and shift_labels is None:
+            raise ValueError(
+                "use_fused_head: fused_lm_head=True needs labels or shift_labels (as TRL passes them)"
+            )
         kw["use_cache"] = False
         hidden = last_hidden(trunk(*args, **kw))
         if shift_labels is None:
