@@ -193,9 +193,14 @@ def parts(model: nn.Module) -> Parts:
 
 def head_args(lm_head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lm_head weight / bias in ``dtype`` (the loss dtype: under autocast HF's lm_head runs in the autocast
-    dtype, which the hidden states already have); no copy when they already are in it."""
+    dtype, which the hidden states already have); no copy when they already are in it. The fused op reads the
+    weight directly, so FSDP2's hooks do not gather it: a sharded (DTensor) weight is gathered here
+    (``full_tensor``, differentiable; memory: one full lm_head weight)."""
     w = lm_head.weight
     b = getattr(lm_head, "bias", None)
+    if hasattr(w, "full_tensor"):
+        w = w.full_tensor()
+        b = None if b is None else b.full_tensor()
     if w.dtype != dtype:
         w = w.to(dtype)
         b = None if b is None else b.to(dtype)

@@ -34,6 +34,7 @@
 #include <limits>
 #include <optional>
 #include <string_view>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -257,6 +258,11 @@ inline double exp_t(double x) { return std::exp(x); }
 // (terms with p_v = 0 skipped, so a -inf logit adds nothing) and whether the label's logit is the largest.
 template <typename T>
 inline void row_pz_max(const T* z, int64_t V, T lse, T* pz_out, T* zmax_out) {
+#if AF_HAVE_AVX2_CLONE
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2()) return row_pz_max_avx2(z, V, lse, pz_out, zmax_out);
+  }
+#endif
   double pz = 0.0;
   T zmax = -std::numeric_limits<T>::infinity();
   for (int64_t v = 0; v < V; ++v) {
@@ -267,22 +273,6 @@ inline void row_pz_max(const T* z, int64_t V, T lse, T* pz_out, T* zmax_out) {
   *pz_out = static_cast<T>(pz);
   *zmax_out = zmax;
 }
-
-#if AF_HAVE_AVX2_CLONE
-template <>
-inline void row_pz_max<float>(const float* z, int64_t V, float lse, float* pz_out, float* zmax_out) {
-  if (cpu_has_avx2()) return row_pz_max_avx2(z, V, lse, pz_out, zmax_out);
-  double pz = 0.0;
-  float zmax = -std::numeric_limits<float>::infinity();
-  for (int64_t v = 0; v < V; ++v) {
-    const float p = fast_expf(z[v] - lse);
-    if (p > 0.f) pz += static_cast<double>(p * z[v]);
-    zmax = z[v] > zmax ? z[v] : zmax;
-  }
-  *pz_out = static_cast<float>(pz);
-  *zmax_out = zmax;
-}
-#endif
 
 template <typename T>
 inline void row_stats(const T* z, int64_t V, int64_t label, T lse, T* entropy, bool* top1) {

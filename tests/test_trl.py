@@ -494,6 +494,9 @@ def test_use_fused_head_guard_raises_when_the_slot_is_never_used(tmp_path):
         processing_class=tiny_tokenizer(),
     )
     handle = use_fused_head(trainer)
+    assert use_fused_head(trainer) is handle  # idempotent, and one guard only
+    guards = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "FusedPathGuard"]
+    assert len(guards) == 1
     with pytest.raises(FusedLossBypassedError, match="head never ran"):
         trainer.train()
     assert handle.calls == 0

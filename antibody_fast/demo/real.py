@@ -238,13 +238,11 @@ def _run_one(cfg: RealConfig, seed: int, base, tok, log: Callable[[str], None]) 
     t_start = time.perf_counter()
     ratios = cfg.ratio_list()
     runner, base_eval, aligned = _align_all(replace(cfg, harmful_ratios=()), seed, base, tok, log)
-    if len(ratios) == 1:
-        return _finetune_all(replace(cfg, harmful_ratio=ratios[0], harmful_ratios=()), seed, runner, base_eval,
-                             aligned, t_start, log)  # fmt: skip
     t_stage1 = time.perf_counter() - t_start
     reports = []
     for r in ratios:
-        sub = replace(cfg, harmful_ratio=r, harmful_ratios=(), out=os.path.join(cfg.out, ratio_dir(r)))
+        out = os.path.join(cfg.out, ratio_dir(r)) if len(ratios) > 1 else cfg.out
+        sub = replace(cfg, harmful_ratio=r, harmful_ratios=(), out=out)
         reports.append(
             _finetune_all(sub, seed, runner, base_eval, aligned, time.perf_counter() - t_stage1, log)
         )

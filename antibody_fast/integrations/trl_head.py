@@ -15,7 +15,8 @@ Supported: the outputs ``log_probs``, ``entropy``, ``is_top1`` (``entropy`` and 
 SFT uses them as metrics; a trainer that differentiates the entropy must keep TRL's head); ``temperature``
 (hidden states divided by it, so without a soft-cap or bias only); ``cast_lm_head_to_fp32``. Refused with a
 clear error when the trainer is built: other outputs (``log_sum_sq_probs``, ``mean_logits``), MoE router losses,
-logit scaling, adapters on the lm_head. Under FSDP2 the weight is gathered (``full_tensor``) as TRL does.
+logit scaling, adapters on the lm_head. Under FSDP2 the weight is gathered (``full_tensor``, in
+:func:`antibody_fast._model.head_args`) as TRL does.
 
 No silent bypass: the handle counts the calls our op served (``handle.calls``) and, given a trainer, a callback
 raises after the first optimizer step if that count is still 0.
@@ -29,7 +30,7 @@ import types
 
 import torch
 
-from .._model import get_trunk_and_head, last_hidden, unwrap_ddp, unwrap_peft
+from .._model import get_trunk_and_head, head_args, last_hidden, unwrap_ddp, unwrap_peft
 from .fused_loss import bypass_guard, is_foreign_fused_head, is_trainer
 
 __all__ = ["use_fused_head", "remove_fused_head", "FusedHeadHandle", "SUPPORTED_OUTPUTS"]
@@ -81,7 +82,10 @@ def use_fused_head(trainer_or_model, *, impl: str = "auto") -> FusedHeadHandle:
     if impl not in IMPLS:
         raise ValueError(f"use_fused_head: impl must be one of {IMPLS}, got {impl!r}")
     if is_trainer(trainer_or_model):
+        installed = getattr(unwrap_peft(unwrap_ddp(trainer_or_model.model)), _ATTR, None)
         handle = use_fused_head(trainer_or_model.model, impl=impl)
+        if handle is installed:  # a second call: the guard is in place already
+            return handle
         trainer_or_model.add_callback(
             bypass_guard(
                 handle,
@@ -122,6 +126,9 @@ def use_fused_head(trainer_or_model, *, impl: str = "auto") -> FusedHeadHandle:
         )
     cast_fp32 = bool(s.get("cast_lm_head_to_fp32", False))
     stats = "entropy" in outputs or "is_top1" in outputs
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from ..ops.sequence_logprob import linear_token_logprob
 
     @functools.wraps(type(target).forward)  # generate() checks its kwargs against this signature
     def forward(
@@ -131,10 +138,6 @@ def use_fused_head(trainer_or_model, *, impl: str = "auto") -> FusedHeadHandle:
             return trl_forward(
                 *args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch, **kw
             )
-        from trl.trainer.utils import FusedCausalLMOutput
-
-        from ..ops.sequence_logprob import linear_token_logprob
-
         if labels is None and shift_labels is None:
             raise ValueError(
                 "use_fused_head: fused_lm_head=True needs labels or shift_labels (as TRL passes them)"
@@ -145,19 +148,15 @@ def use_fused_head(trainer_or_model, *, impl: str = "auto") -> FusedHeadHandle:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        weight, bias = lm_head.weight, lm_head.bias
-        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: gather the head once, as TRL does
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        # the matmul's dtype, as TRL's head: float32 when asked, else the autocast dtype when autocast is on
+        dev = hidden.device.type
+        dt = lm_head.weight.dtype
         if cast_fp32:
-            hidden, weight = hidden.float(), weight.float()
-            bias = bias.float() if bias is not None else None
-        else:  # as TRL (and HF's lm_head under autocast): the matmul in the autocast dtype when autocast is on
-            dev = hidden.device.type
-            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-            hidden, weight = hidden.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
+            dt = torch.float32
+        elif torch.is_autocast_enabled(dev):
+            dt = torch.get_autocast_dtype(dev)
+        weight, bias = head_args(lm_head, dt)  # gathers an FSDP2-sharded weight
+        hidden, labels = hidden.to(weight.device, dt), labels.to(weight.device)
         if temperature != 1.0:
             hidden = hidden / temperature
         out = linear_token_logprob(

@@ -131,12 +131,15 @@ def _frozen_strategy(device: torch.device) -> str:
     return FROZEN_STRATEGY.get(device.type, "precompute")
 
 
-def _grad_mode(hidden, weight, bias) -> tuple[bool, bool]:
-    """(needs any grad, needs weight/bias grad)."""
+def _grad_plan(hidden, weight, bias, grad_rows: int) -> tuple[str, int]:
+    """``(mode, num_grad_rows)`` of the fused op: ``"none"`` and 0 without any gradient, ``"recompute"`` when the
+    weight or bias needs one, else the frozen-weight strategy of the device; ``grad_rows`` rows carry gradient."""
     if not torch.is_grad_enabled():
-        return False, False
+        return "none", 0
     wb = weight.requires_grad or (bias is not None and bias.requires_grad)
-    return hidden.requires_grad or wb, wb
+    if not (hidden.requires_grad or wb):
+        return "none", 0
+    return ("recompute" if wb else _frozen_strategy(hidden.device)), grad_rows
 
 
 def sequence_logprob(
@@ -234,9 +237,7 @@ def linear_sequence_logprob(
     if want_validate(validate, hidden.device):
         validate_rows(targets, sids, S, weight.shape[0], ignore_index, op)
     resolved = resolve_impl(op, impl, hidden.device, hidden.dtype)
-    any_grad, wb_grad = _grad_mode(hidden, weight, bias)
-    mode = "none" if not any_grad else ("recompute" if wb_grad else _frozen_strategy(hidden.device))
-    ng = flat.shape[0] if any_grad else 0
+    mode, ng = _grad_plan(hidden, weight, bias, flat.shape[0])
     logprob, num_tokens, *_ = _register.linear_sequence_logprob_fwd(
         flat, weight, bias, targets, sids, S, ng, softcap, int(ignore_index), mode, False, resolved
     )
@@ -287,9 +288,7 @@ def paired_sequence_logprob(
         validate_rows(tc, ic, Sc, V, ignore_index, op + " (completion)")
         validate_rows(tr, ir, Sr, V, ignore_index, op + " (refusal)")
     resolved = resolve_impl("linear_sequence_logprob", impl, hc.device, hc.dtype)
-    any_grad, wb_grad = _grad_mode(hc, weight, bias)
-    mode = "none" if not any_grad else ("recompute" if wb_grad else _frozen_strategy(hc.device))
-    ng = fc.shape[0] if any_grad else 0
+    mode, ng = _grad_plan(hc, weight, bias, fc.shape[0])
     flat = torch.cat([fc, fr], dim=0)
     targets = torch.cat([tc, tr])
     sids = torch.cat([ic, ir + Sc])
@@ -331,40 +330,26 @@ def linear_token_logprob(
     op = "linear_token_logprob"
     softcap = check_softcap(softcap, op)
     check_head(hidden, weight, bias, op)
-    if hidden.dim() == 2:
+    rows_form = hidden.dim() == 2
+    if rows_form:
         if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
             raise ValueError(
                 f"{op}: rows form expects labels [N] with N = {hidden.shape[0]}, got {tuple(labels.shape)}"
             )
-        N = hidden.shape[0]
-        seq_ids = torch.arange(N, device=hidden.device)
-        flat, lead = flatten_hidden(hidden, seq_ids, op)
-        targets, _, _ = to_rows(
-            labels,
-            seq_ids,
-            N,
-            shift=False,
-            ignore_index=ignore_index,
-            lead_shape=lead,
-            device=hidden.device,
-            op=op,
-        )
+        flat, lead = hidden, (hidden.shape[0],)
     else:
         flat, lead = flatten_hidden(hidden, None, op)
-        targets, _, _ = to_rows(
-            labels, None, None, shift=shift, ignore_index=ignore_index, lead_shape=lead, device=hidden.device,
-            op=op,
-        )  # fmt: skip
     N = flat.shape[0]
-    sids = torch.arange(N, device=hidden.device)
-    V = weight.shape[0]
+    sids = torch.arange(N, device=hidden.device)  # one "sequence" per row
+    targets, _, _ = to_rows(
+        labels, sids if rows_form else None, N if rows_form else None, shift=shift and not rows_form,
+        ignore_index=ignore_index, lead_shape=lead, device=hidden.device, op=op,
+    )  # fmt: skip
     if want_validate(validate, hidden.device):
-        validate_rows(targets, sids, N, V, ignore_index, op)
+        validate_rows(targets, sids, N, weight.shape[0], ignore_index, op)
     resolved = resolve_impl("linear_sequence_logprob", impl, hidden.device, hidden.dtype)
-    any_grad, wb_grad = _grad_mode(hidden, weight, bias)
-    mode = "none" if not any_grad else ("recompute" if wb_grad else _frozen_strategy(hidden.device))
-    ng = N if any_grad else 0
-    logprob, num_tokens, _, _, entropy, top1 = _register.linear_sequence_logprob_fwd(
+    mode, ng = _grad_plan(hidden, weight, bias, N)
+    logprob, _, _, _, entropy, top1 = _register.linear_sequence_logprob_fwd(
         flat, weight, bias, targets, sids, N, ng, softcap, int(ignore_index), mode, bool(stats), resolved
     )
     shape = tuple(labels.shape)
