@@ -36,6 +36,7 @@ __all__ = [
     "flat_parameters",
     "get_trunk_and_head",
     "head_args",
+    "is_fsdp_root",
     "last_hidden",
     "model_device",
     "named_trainable",
@@ -175,6 +176,9 @@ class Parts:
     softcap: float | None
     cache_ok: bool = True  # False once the model returned no (or an unsupported) key/value cache
     cache_arg: str | None = None  # the trunk's name for the key/value cache argument (cache_argument)
+    fsdp_root: nn.Module | None = (
+        None  # the model, when it is an FSDP2 root: the trunk then runs inside its forward
+    )
     warned: set[str] = field(default_factory=set)  # one-time messages already given for this model
 
 
@@ -188,23 +192,46 @@ def parts(model: nn.Module) -> Parts:
         trunk, lm_head, softcap = get_trunk_and_head(model)
         p = Parts(trunk, lm_head, softcap)
         _PARTS[model] = p
+    # fully_shard swaps the model's class in place, so this is checked at every call (one isinstance)
+    p.fsdp_root = model if is_fsdp_root(model) else None
     return p
+
+
+def is_fsdp_root(model: nn.Module) -> bool:
+    """True when ``model`` itself is an FSDP2 module (``fully_shard`` was applied to it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def head_args(lm_head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lm_head weight / bias in ``dtype`` (the loss dtype: under autocast HF's lm_head runs in the autocast
     dtype, which the hidden states already have); no copy when they already are in it. The fused op reads the
-    weight directly, so FSDP2's hooks do not gather it: a sharded (DTensor) weight is gathered here
-    (``full_tensor``, differentiable; memory: one full lm_head weight)."""
-    w = lm_head.weight
+    weight directly, so FSDP2's hooks do not gather it: a weight still sharded (DTensor) is gathered here
+    (differentiable, its gradient summed over ranks; memory: one full lm_head weight). Inside the steps' FSDP2
+    path the root's forward has already gathered it (:func:`antibody_fast.fsdp.root_hidden`)."""
+    w = _gathered(lm_head.weight)
     b = getattr(lm_head, "bias", None)
-    if hasattr(w, "full_tensor"):
-        w = w.full_tensor()
-        b = None if b is None else b.full_tensor()
+    b = None if b is None else _gathered(b)
     if w.dtype != dtype:
         w = w.to(dtype)
         b = None if b is None else b.to(dtype)
     return w, b
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) weight gathered in full; ``t`` itself otherwise. The gradient of the full tensor is
+    marked partial (each rank holds its own samples' share), so backward reduce-scatters it into the shards."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    if not t.requires_grad:
+        return t.full_tensor()
+    from torch.distributed.tensor import Partial, Replicate
+
+    full = t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)
+    return full.to_local(grad_placements=[Partial()] * t.device_mesh.ndim)
 
 
 def cache_argument(p: Parts) -> str:

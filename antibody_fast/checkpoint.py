@@ -35,13 +35,14 @@ import copy
 import glob
 import hashlib
 import os
-import random
 from typing import Any
 
 import torch
 
 from ._io import atomic_open, temporary_prefix
 from ._model import named_trainable, unwrap_ddp
+from ._rng import check_rng, rng_state, set_rng_state
+from .distributed import is_dtensor
 
 __all__ = [
     "save_checkpoint",
@@ -68,48 +69,6 @@ class NonFiniteCheckpointError(ValueError):
 
 
 CHECKPOINT_FORMAT = "antibody_fast.checkpoint/1"
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = list(torch.cuda.get_rng_state_all())
-    v, internal, gauss = random.getstate()
-    state["python"] = [v, list(internal), gauss]
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np = None
-    if np is not None:
-        name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
-        state["numpy"] = {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        cuda_states = state["torch_cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-    if "python" in state:
-        v, internal, gauss = state["python"]
-        random.setstate((v, tuple(internal), gauss))
-    if "numpy" in state:
-        try:
-            import numpy as np
-        except ImportError:  # pragma: no cover
-            return
-        s = state["numpy"]
-        np.random.set_state(  # noqa: NPY002 - restoring the legacy global RNG is the point
-            (s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"])
-        )
 
 
 def _digest(obj: Any, h) -> None:
@@ -208,13 +167,18 @@ def save_checkpoint(
     params = named_trainable(unwrap_ddp(model))  # names without DDP's "module." prefix
     if not params:
         raise ValueError("save_checkpoint: the model has no trainable parameters (requires_grad=True)")
+    if any(is_dtensor(p) for p in params.values()):
+        _save_sharded(
+            os.fspath(path), model, optimizer, scheduler, state, extra, fingerprint, allow_nonfinite
+        )
+        return
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "params": {n: p.detach().to("cpu", copy=True) for n, p in params.items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "state": state.state_dict() if state is not None else None,
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "extra": extra,
         "fingerprint": fingerprint,
     }
@@ -234,6 +198,45 @@ def save_checkpoint(
         raise FileNotFoundError(f"save_checkpoint: directory {directory!r} does not exist")
     with atomic_open(path, "wb", durable=True) as f:
         torch.save(payload, f)
+
+
+def _save_sharded(path, model, optimizer, scheduler, state, extra, fingerprint, allow_nonfinite) -> None:
+    """FSDP2 (collective): every rank writes its shards of the weights and optimizer state with DCP
+    (:mod:`antibody_fast.checkpoint_sharded`), then rank 0 writes the checkpoint file naming them."""
+    import torch.distributed as dist
+
+    from .checkpoint_sharded import nonfinite_shards, remove_old_shards, save_shards
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"save_checkpoint: directory {directory!r} does not exist")
+    bad = [] if allow_nonfinite else nonfinite_shards(model, optimizer)
+    if not allow_nonfinite and state is not None:
+        _nonfinite_tensors(state.state_dict(), "state", bad)
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"save_checkpoint: refusing to write {path!r}: non-finite values (NaN/inf) in {', '.join(bad[:5])}; the "
+            "previous checkpoint is kept"
+        )
+    descriptor = save_shards(path, model, optimizer)
+    descriptor["names"] = sorted(named_trainable(unwrap_ddp(model)))
+    if dist.get_rank() == 0:
+        payload: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "params": {},
+            "optimizer": None,
+            "sharded": descriptor,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "state": state.state_dict() if state is not None else None,
+            "rng": rng_state(),
+            "extra": extra,
+            "fingerprint": fingerprint,
+        }
+        payload["checksum"] = _checksum(payload)
+        with atomic_open(path, "wb", durable=True) as f:
+            torch.save(payload, f)
+        remove_old_shards(path, descriptor["dir"])
+    dist.barrier()
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -290,27 +293,6 @@ def _check_optimizer_state(osd: dict, optimizer: torch.optim.Optimizer) -> None:
                 )
 
 
-def _check_rng(rng: Any) -> None:
-    if not isinstance(rng, dict) or not isinstance(rng.get("torch_cpu"), torch.Tensor):
-        raise ValueError("load_checkpoint: corrupt 'rng' entry (no torch_cpu state)")
-    t = rng["torch_cpu"]
-    if t.dtype != torch.uint8 or t.shape != torch.get_rng_state().shape:
-        raise ValueError("load_checkpoint: corrupt 'rng' entry (torch_cpu state has the wrong shape/dtype)")
-    if "python" in rng:
-        py = rng["python"]
-        if not (isinstance(py, (list, tuple)) and len(py) == 3 and isinstance(py[1], (list, tuple))):
-            raise ValueError("load_checkpoint: corrupt 'rng' entry (python state)")
-    if "numpy" in rng:
-        s = rng["numpy"]
-        if not (isinstance(s, dict) and {"name", "keys", "pos", "has_gauss", "cached_gaussian"} <= set(s)):
-            raise ValueError("load_checkpoint: corrupt 'rng' entry (numpy state)")
-    if "torch_cuda" in rng and not (
-        isinstance(rng["torch_cuda"], (list, tuple))
-        and all(isinstance(x, torch.Tensor) for x in rng["torch_cuda"])
-    ):
-        raise ValueError("load_checkpoint: corrupt 'rng' entry (torch_cuda states)")
-
-
 def _check_state_dict_like(saved: Any, obj: Any, key: str) -> None:
     """The saved scheduler / state entry must be a dict with the keys the object's own state_dict has."""
     if not isinstance(saved, dict):
@@ -362,6 +344,11 @@ def load_checkpoint(
                 diff,
             )
     params = named_trainable(unwrap_ddp(model))  # names without DDP's "module." prefix
+    model_sharded = any(is_dtensor(p) for p in params.values())
+    if payload.get("sharded") is not None or model_sharded:
+        return _load_sharded(
+            path, payload, model, optimizer, scheduler, state, restore_rng, params, model_sharded
+        )
     saved = payload["params"]
     if not isinstance(saved, dict):
         raise ValueError(f"load_checkpoint: {path!r} has a corrupt 'params' entry")
@@ -394,12 +381,7 @@ def load_checkpoint(
                     "load_checkpoint: an optimizer parameter group has a different size than in the checkpoint"
                 )
         _check_optimizer_state(osd, optimizer)
-    if scheduler is not None:
-        _check_state_dict_like(payload["scheduler"], scheduler, "scheduler")
-    if state is not None:
-        _check_state_dict_like(payload["state"], state, "state")
-    if restore_rng:
-        _check_rng(payload["rng"])
+    _check_rest(payload, scheduler, state, restore_rng)
     # ---- validated: now modify (with a rollback should an object's own load_state_dict still raise) ----
     undo = []
     try:
@@ -418,23 +400,78 @@ def load_checkpoint(
             undo.append(_restore_params)
             for n, p in params.items():
                 p.copy_(saved[n])
-        if scheduler is not None:
-            old_s = copy.deepcopy(scheduler.state_dict())
-            undo.append(lambda old_s=old_s: scheduler.load_state_dict(old_s))
-            scheduler.load_state_dict(payload["scheduler"])
-        if state is not None:
-            old_st = copy.deepcopy(state.state_dict())
-            undo.append(lambda old_st=old_st: state.load_state_dict(old_st))
-            state.load_state_dict(payload["state"])
-        if restore_rng:
-            old_rng = _rng_state()
-            undo.append(lambda old_rng=old_rng: _set_rng_state(old_rng))
-            _set_rng_state(payload["rng"])
+        _apply_rest(payload, scheduler, state, restore_rng, undo)
     except Exception as e:
-        for fn in reversed(undo):  # best effort: an object that failed to load may also fail to restore
-            try:
-                fn()
-            except Exception:  # noqa: S112 - keep restoring the others
-                continue
-        raise ValueError(f"load_checkpoint: {path!r} could not be applied ({type(e).__name__}: {e})") from e
+        raise _rollback(undo, path, e) from e
+    return payload["extra"]
+
+
+def _check_rest(payload: dict, scheduler, state, restore_rng: bool) -> None:
+    if scheduler is not None:
+        _check_state_dict_like(payload["scheduler"], scheduler, "scheduler")
+    if state is not None:
+        _check_state_dict_like(payload["state"], state, "state")
+    if restore_rng:
+        check_rng(payload["rng"])
+
+
+def _apply_rest(payload: dict, scheduler, state, restore_rng: bool, undo: list) -> None:
+    """Load the scheduler, the step state and the RNG states (each with its undo)."""
+    if scheduler is not None:
+        old_s = copy.deepcopy(scheduler.state_dict())
+        undo.append(lambda old_s=old_s: scheduler.load_state_dict(old_s))
+        scheduler.load_state_dict(payload["scheduler"])
+    if state is not None:
+        old_st = copy.deepcopy(state.state_dict())
+        undo.append(lambda old_st=old_st: state.load_state_dict(old_st))
+        state.load_state_dict(payload["state"])
+    if restore_rng:
+        old_rng = rng_state()
+        undo.append(lambda old_rng=old_rng: set_rng_state(old_rng))
+        set_rng_state(payload["rng"])
+
+
+def _rollback(undo: list, path: str, e: Exception) -> ValueError:
+    """Run the undo steps (best effort: an object that failed to load may also fail to restore); the error."""
+    for fn in reversed(undo):
+        try:
+            fn()
+        except Exception:  # noqa: S112 - keep restoring the others
+            continue
+    return ValueError(f"load_checkpoint: {path!r} could not be applied ({type(e).__name__}: {e})")
+
+
+def _load_sharded(path, payload, model, optimizer, scheduler, state, restore_rng, params, model_sharded):
+    """The FSDP2 branch of :func:`load_checkpoint` (collective): the shards are read into copies and verified
+    before anything changes, then applied (DCP reshards them to this world size)."""
+    from .checkpoint_sharded import load_shards
+
+    descriptor = payload.get("sharded")
+    if descriptor is None:
+        raise ValueError(
+            f"load_checkpoint: {path!r} was written by an unsharded run but the model is FSDP2-sharded; resume "
+            "it without --fsdp (or start a sharded run afresh)"
+        )
+    if not model_sharded:
+        raise ValueError(
+            f"load_checkpoint: {path!r} holds FSDP2 shards but the model is not sharded; resume it with --fsdp "
+            "(antibody_fast.fsdp.shard_model), on any number of ranks"
+        )
+    names = sorted(params)
+    if descriptor.get("names") != names:
+        saved = set(descriptor.get("names") or ())
+        raise ValueError(
+            "load_checkpoint: trainable parameters differ from the checkpoint: missing in checkpoint "
+            f"{sorted(set(names) - saved)[:5]}, not trainable in the model {sorted(saved - set(names))[:5]}"
+        )
+    if optimizer is not None and "optimizer" not in descriptor.get("parts", ("model", "optimizer")):
+        raise ValueError("load_checkpoint: an optimizer was passed but the checkpoint has no optimizer state")
+    _check_rest(payload, scheduler, state, restore_rng)
+    apply_shards = load_shards(path, descriptor, model, optimizer)
+    undo: list = []
+    try:
+        apply_shards()
+        _apply_rest(payload, scheduler, state, restore_rng, undo)
+    except Exception as e:
+        raise _rollback(undo, path, e) from e
     return payload["extra"]

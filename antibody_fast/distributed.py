@@ -21,6 +21,10 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_max",
     "all_gather_variable",
+    "all_ranks_true",
+    "is_dtensor",
+    "local_tensor",
+    "shard_group",
 ]
 
 
@@ -84,3 +88,64 @@ def all_gather_variable(t: torch.Tensor, group=None) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:s] for p, s in zip(parts, sizes_host)], dim=0)
+
+
+# ---------------------------------------------------------------------------------- sharded (FSDP2) tensors
+def is_dtensor(t) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters, gradients and optimizer
+    state); checked without importing the DTensor package when it was never loaded."""
+    import sys
+
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor FSDP2 all-gathers from, so in-place writes to it are writes to
+    the parameter), or ``t`` itself for a plain tensor. Never a copy; no autograd link."""
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
+def shard_group(params) -> object | None:
+    """The process group over which the DTensor ``params`` are sharded (FSDP2: one 1-D device mesh, each
+    tensor ``Shard(0)``), or ``None`` when none of them is a DTensor.
+
+    Raises ``ValueError`` for a mix of DTensors and plain tensors, for several meshes, for a mesh of more than
+    one dimension (HSDP) and for any placement other than ``Shard(0)``: the flat ops' global norms would be
+    wrong for those layouts."""
+    params = list(params)
+    dts = [p for p in params if is_dtensor(p)]
+    if not dts:
+        return None
+    if len(dts) != len(params):
+        raise ValueError(
+            f"{len(dts)} of the {len(params)} trainable parameters are DTensors (sharded) and the others are not: "
+            "shard every trainable parameter with fully_shard (antibody_fast.fsdp.shard_model does it), or none"
+        )
+    from torch.distributed.tensor import Shard
+
+    mesh = dts[0].device_mesh
+    for p in dts:
+        if p.device_mesh != mesh:
+            raise ValueError(
+                "the trainable DTensors live on different device meshes; one FSDP2 mesh is supported"
+            )
+        if tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                f"a trainable DTensor has placements {tuple(p.placements)}; only FSDP2's (Shard(0),) on a 1-D mesh "
+                "is supported (not HSDP nor tensor parallelism)"
+            )
+    return mesh.get_group()
+
+
+def all_ranks_true(flag: torch.Tensor, group=None) -> torch.Tensor:
+    """0-dim bool: ``flag`` (0-dim bool) is true on every rank of ``group``; ``flag`` itself when not
+    distributed. One all-reduce of an int32 (MIN), no host sync."""
+    if not is_distributed(group):
+        return flag
+    v = flag.to(torch.int32)
+    dist.all_reduce(v, op=dist.ReduceOp.MIN, group=group)
+    return v.to(torch.bool)

@@ -31,6 +31,19 @@ Multiple dtypes
     tensor when there is exactly one group and raise otherwise; ``.param_buffers``/``.grad_buffers`` always
     return the list (one tensor per group) and every op of :mod:`antibody_fast.ops.flat_ops` accepts such a
     list (norms and dot products are then global over all groups).
+
+Sharded parameters (FSDP2)
+    When the trainable parameters are DTensors (``fully_shard``, see :mod:`antibody_fast.fsdp`), nothing is
+    re-pointed: FSDP2 owns each parameter's local shard (it all-gathers from that storage). Then
+    :attr:`~FlatParameters.param_buffers` is one 1-D view of each parameter's *local shard* (a fresh list at every
+    access, so it follows FSDP2 when its lazy init re-pads a shard) and :attr:`~FlatParameters.grad_buffers` is
+    laid out the same way: one view per parameter into a flat gradient buffer per dtype, attached to each
+    parameter as a DTensor ``.grad``. FSDP2's reduce-scatter adds into an existing ``.grad`` in place, so the
+    flat gradient receives the already-reduced local shard of the global gradient and no second all-reduce is
+    needed (the DDP path instead all-reduces the full flat gradient, see
+    :func:`antibody_fast.steps.reduce_grads`). Norms and dot products over these lists are local partial sums:
+    pass ``group=flat.shard_group`` to the flat ops (the steps do) for the global value. The layout is per
+    parameter, so a flat op is one launch per parameter there instead of one per dtype.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import local_tensor, shard_group
 from .ops.flat_ops import PerturbBackup, perturb_, restore_
 
 
@@ -145,7 +159,12 @@ class FlatParameters:
                     f"FlatParameters: parameter {name!r} has a .grad of shape {tuple(p.grad.shape)} "
                     f"/ layout {p.grad.layout}"
                 )
+        self.shard_group = shard_group(p for _, p in named)  # validates a sharded layout; None when unsharded
+        self.sharded = self.shard_group is not None
         self.device = device
+        if self.sharded:
+            self._init_sharded(named)
+            return
         by_dtype: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
         for name, p in named:
             by_dtype.setdefault(p.dtype, []).append((name, p))
@@ -174,15 +193,67 @@ class FlatParameters:
                 for p, off, shape, gv in zip(grp.parameters, grp.offsets, grp.shapes, grp.grad_views):
                     p.data = grp.params[off : off + p.numel()].view(shape)
                     p.grad = gv
+        self._finish_init()
+
+    def _finish_init(self) -> None:
         self._backup: list[torch.Tensor] | None = None
         self._in_perturbed = False
         self._fingerprint = self._current_fingerprint(expected=True)
+
+    def _init_sharded(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+        """FSDP2 layout (module docstring): one flat gradient buffer per dtype over the local shards, attached to
+        each parameter as a DTensor ``.grad``; the parameters keep their own storage."""
+        from torch.distributed.tensor import DTensor
+
+        by_dtype: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
+        for name, p in named:
+            by_dtype.setdefault(p.dtype, []).append((name, p))
+        self.groups = []
+        self._grad_list: list[torch.Tensor] = []
+        with torch.no_grad():
+            for dtype, items in by_dtype.items():
+                locals_ = [local_tensor(p) for _, p in items]
+                gbuf = torch.zeros(sum(t.numel() for t in locals_), dtype=dtype, device=self.device)
+                grp = FlatGroup(dtype=dtype, params=gbuf.new_empty(0), grads=gbuf)
+                off = 0
+                for (name, p), loc in zip(items, locals_):
+                    n = loc.numel()
+                    view = gbuf[off : off + n]
+                    if p.grad is not None:
+                        view.copy_(local_tensor(p.grad).reshape(-1))
+                    grp.names.append(name)
+                    grp.offsets.append(off)
+                    grp.shapes.append(loc.shape)  # the local shard's shape
+                    grp.parameters.append(p)
+                    grp.grad_views.append(
+                        DTensor.from_local(
+                            view.view(loc.shape),
+                            p.device_mesh,
+                            p.placements,
+                            run_check=False,
+                            shape=p.shape,
+                            stride=p.stride(),
+                        )
+                    )
+                    self._grad_list.append(view)
+                    off += n
+                self.groups.append(grp)
+            for grp in self.groups:
+                for p, gv in zip(grp.parameters, grp.grad_views):
+                    p.grad = gv
+        self._finish_init()
 
     # ---------------------------------------------------------------- staleness
     def _current_fingerprint(self, expected: bool = False) -> tuple:
         """``(data_ptr, dtype, device)`` of the first and last parameter of each group: as packed
         (``expected``: computed from the buffers) or as the parameters are now."""
         out = []
+        if (
+            self.sharded
+        ):  # FSDP2 owns the storage (param_buffers are fresh views): only dtype/device can go stale
+            return tuple(
+                (p.dtype, p.device) for g in self.groups for p in (g.parameters[0], g.parameters[-1])
+            )
         for g in self.groups:
             for i in (0, len(g.parameters) - 1):
                 if expected:
@@ -220,7 +291,12 @@ class FlatParameters:
 
     @property
     def params(self) -> torch.Tensor:
-        """The flat parameter buffer ``[numel]`` (single-dtype models only; see ``param_buffers``)."""
+        """The flat parameter buffer ``[numel]`` (single-dtype, unsharded models only; see ``param_buffers``)."""
+        if self.sharded:
+            raise ValueError(
+                "FlatParameters.params: the parameters are FSDP2 shards, which keep their own storage; use "
+                ".param_buffers (one view per local shard, accepted by every flat op)"
+            )
         return self._single("params").params
 
     @property
@@ -230,12 +306,18 @@ class FlatParameters:
 
     @property
     def param_buffers(self) -> list[torch.Tensor]:
-        """One flat parameter buffer per dtype group."""
+        """One flat parameter buffer per dtype group; sharded (FSDP2): one 1-D view of each parameter's local
+        shard, in :attr:`names` order (taken afresh at each access)."""
+        if self.sharded:
+            return [local_tensor(p).view(-1) for p in self.parameters]
         return [g.params for g in self.groups]
 
     @property
     def grad_buffers(self) -> list[torch.Tensor]:
-        """One flat gradient buffer per dtype group."""
+        """One flat gradient buffer per dtype group; sharded (FSDP2): one view per parameter, laid out like
+        :attr:`param_buffers`."""
+        if self.sharded:
+            return list(self._grad_list)
         return [g.grads for g in self.groups]
 
     @property
@@ -248,7 +330,8 @@ class FlatParameters:
 
     @property
     def numel(self) -> int:
-        return sum(g.numel for g in self.groups)
+        """Number of elements this process holds (its local shards when sharded)."""
+        return sum(g.grads.numel() for g in self.groups)
 
     @property
     def dtypes(self) -> list[torch.dtype]:
@@ -265,6 +348,11 @@ class FlatParameters:
     def unflatten(self, flat: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Views ``{name: tensor of the parameter's shape}`` into flat tensor(s) laid out like the buffers."""
         flats = [flat] if isinstance(flat, torch.Tensor) else list(flat)
+        if self.sharded:  # laid out like param_buffers: one tensor per parameter (local shard)
+            shapes = [s for g in self.groups for s in g.shapes]
+            if len(flats) != len(shapes) or any(f.numel() != s.numel() for f, s in zip(flats, shapes)):
+                raise ValueError("FlatParameters.unflatten: the tensors do not match the local shards")
+            return {n: f.view(s) for n, f, s in zip(self.names, flats, shapes)}
         if len(flats) != len(self.groups) or any(f.numel() != g.numel for f, g in zip(flats, self.groups)):
             raise ValueError("FlatParameters.unflatten: the flat tensors do not match the group numels")
         return {
@@ -299,10 +387,11 @@ class FlatParameters:
                     cur = p.grad
                     if cur is gv:
                         continue
-                    if cur is None:
-                        gv.zero_()
-                    elif cur.data_ptr() != gv.data_ptr() or cur.stride() != gv.stride():
-                        gv.copy_(cur)
+                    dst, src = local_tensor(gv), None if cur is None else local_tensor(cur)
+                    if src is None:
+                        dst.zero_()
+                    elif src.data_ptr() != dst.data_ptr() or src.stride() != dst.stride():
+                        dst.copy_(src)
                     p.grad = gv
 
     def zero_grad(self) -> None:
@@ -316,11 +405,12 @@ class FlatParameters:
                     p.grad = gv
 
     def grad_snapshot(self) -> list[torch.Tensor]:
-        """Clone of the flat gradient buffers: a list with one ``[numel]`` tensor per dtype group.
+        """Clone of the flat gradient buffers: a list laid out like :attr:`grad_buffers` (one ``[numel]`` tensor
+        per dtype group; per local shard when sharded).
 
         Call :meth:`ensure_grad_views` first if something may have replaced ``.grad``.
         """
-        return [g.grads.clone() for g in self.groups]
+        return [t.clone() for t in self.grad_buffers]
 
     # ---------------------------------------------------------------- perturbation
     @contextlib.contextmanager
@@ -338,17 +428,22 @@ class FlatParameters:
         The restore runs even when the body raises. ``g`` is a flat tensor (single group) or a list laid
         out like :attr:`grad_buffers` (e.g. from :meth:`grad_snapshot`). Yields the
         :class:`~antibody_fast.ops.flat_ops.PerturbBackup` (``.norm`` and the ``.nonfinite`` device flag).
-        The backup buffers are allocated once and reused across calls. Not re-entrant.
+        The backup buffers are allocated once and reused across calls. Not re-entrant. Sharded (FSDP2): ``g`` is
+        laid out like :attr:`grad_buffers`, each rank moves its own shards and ``||g||`` is all-reduced over
+        ``group`` (default :attr:`shard_group`).
         """
+        if group is None:
+            group = self.shard_group
         if self._in_perturbed:
             raise RuntimeError("FlatParameters.perturbed is not re-entrant (theta is already perturbed)")
         self._check_fresh("perturbed")
-        if self._backup is None:
-            self._backup = [torch.empty_like(b) for b in self.param_buffers]
-        backup = perturb_(self.param_buffers, g, rho, eps, group=group, out=self._backup, impl=impl)
+        theta = self.param_buffers  # the same views for the perturbation and the restore
+        if self._backup is None or [b.numel() for b in self._backup] != [t.numel() for t in theta]:
+            self._backup = [torch.empty_like(b) for b in theta]
+        backup = perturb_(theta, g, rho, eps, group=group, out=self._backup, impl=impl)
         self._in_perturbed = True
         try:
             yield backup
         finally:
             self._in_perturbed = False
-            restore_(self.param_buffers, backup, impl=impl)
+            restore_(theta, backup, impl=impl)

@@ -7,7 +7,8 @@ How a step is guarded (:class:`UpdateGuard`, one per optimizer, created on its f
    parameters are copied into persistent backup buffers (allocated once; ``torch._foreach_copy_``).
 2. ``optimizer.step()`` runs as usual.
 3. ``ok = finite(loss) & finite(grad norm) & finite(perturbation) & finite(max|θ_new|) & finite(max|state_new|)``
-   is a 0-dim bool tensor on the device.
+   is a 0-dim bool tensor on the device. Under FSDP2 each rank checks its own shards (of θ and of the DTensor
+   optimizer state) and ``ok`` is then AND-ed over the shard group (one all-reduce), so all ranks skip alike.
 4. Every parameter buffer and every optimizer-state tensor on that device is set to
    ``torch.where(ok, new, backup)``: bit-identical to before the step when ``ok`` is false.
 5. Two device counters are updated: consecutive skips (reset by a good step) and total skips; a sticky
@@ -42,6 +43,8 @@ import weakref
 from typing import Any
 
 import torch
+
+from .distributed import all_ranks_true, local_tensor
 
 __all__ = ["NonFiniteError", "UpdateGuard", "guard_for"]
 
@@ -150,8 +153,8 @@ class UpdateGuard:
             if not st:
                 continue
             for k, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    out.append((st, k, v))
+                if isinstance(v, torch.Tensor):  # FSDP2 state is DTensors: guard their local shards
+                    out.append((st, k, local_tensor(v)))
         return out
 
     def step(
@@ -198,10 +201,15 @@ class UpdateGuard:
             scheduler.step()
         with torch.no_grad():
             after = self._state_items(optimizer)
-            finite_parts = [t for t in theta]
-            finite_parts += [v for _, _, v in after if v.device == dev and v.is_floating_point()]
-            maxes = torch._foreach_norm(finite_parts, float("inf"))
-            ok = ok & torch.isfinite(torch.stack([m.float() for m in maxes]).max())
+            finite_parts = [t for t in theta if t.numel()]
+            finite_parts += [
+                v for _, _, v in after if v.device == dev and v.is_floating_point() and v.numel()
+            ]
+            if finite_parts:
+                maxes = torch._foreach_norm(finite_parts, float("inf"))
+                ok = ok & torch.isfinite(torch.stack([m.float() for m in maxes]).max())
+            if self.flat.sharded:  # each rank checked its own shards: skip on every rank or on none
+                ok = all_ranks_true(ok, self.flat.shard_group)
             for t, b in zip(theta, self._theta_backup):
                 torch.where(ok, t, b, out=t)
             for st, k, v in after:

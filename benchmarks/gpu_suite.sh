@@ -9,7 +9,9 @@
 #   3. the `gpu`-marked tests, then the Triton tests natively (TRITON_INTERPRET unset; bf16 cases included)
 #   4. the GPU benchmarks with `antibody-fast bench --device cuda`: the ops (sequence log-prob at
 #      V=32000 and V=128256, flat-parameter ops) and the training steps (~1B Llama, bf16, seq 512, batch 8),
-#      each suite with its own time limit, then one merged report <device-slug>-<date>.{json,md,png}
+#      each suite with its own time limit, then one merged report <device-slug>-<date>.{json,md,png};
+#      then FSDP2 against replicated data parallelism (benchmarks/bench_fsdp.py under torchrun, 1 or 2 GPUs):
+#      fsdp-<device-slug>-<date>.{json,md}
 #   5. everything (logs, JSON, Markdown, PNG, SUMMARY.md) stays in one folder: --out DIR, else $OUT when
 #      set, else benchmarks/results/gpu-<date>.
 #
@@ -19,7 +21,8 @@
 #   script itself on a machine without a GPU.
 #   PYTHON=... selects the interpreter (default: python); BUDGET_S=... the total budget (default 530 s);
 #   BENCH_DIR=... the folder of bench_*.py files (default: benchmarks); OPS_LIMIT_S / STEPS_LIMIT_S=... the
-#   time limits of the two benchmark runs (default 190 / 150 s; each also shrinks to the budget left).
+#   time limits of the two benchmark runs (default 190 / 150 s; each also shrinks to the budget left);
+#   FSDP_LIMIT_S=... the FSDP2 benchmark's (default 100 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -140,6 +143,19 @@ step 05-bench-ops $((OPS_LIMIT + 40)) "$PY" -m antibody_fast bench --device "$DE
 STEPS_LIMIT="$(bench_limit "${STEPS_LIMIT_S:-150}")"
 step 06-bench-steps $((STEPS_LIMIT + 40)) "$PY" -m antibody_fast bench --device "$DEVICE" $QUICK --out "$OUTDIR" \
   --bench-dir "$BENCH_DIR" --name gpu-steps --only "bench_steps" --time-limit "$STEPS_LIMIT"
+
+# 4b. FSDP2 against replicated data parallelism (bench_fsdp.py): two ranks where the machine has two GPUs, else
+#     one rank with FSDP2 wrapping (--device cpu: two gloo ranks); time per step and memory per rank.
+if [ "$DEVICE" = cuda ] && [ "$DRY" = 0 ]; then
+  NRANKS="$("$PY" -c 'import torch; print(max(1, min(2, torch.cuda.device_count())))' 2>/dev/null || echo 1)"
+elif [ "$DEVICE" = cuda ]; then
+  NRANKS="<1 or 2 GPUs>"
+else
+  NRANKS=2
+fi
+FSDP_LIMIT="$(bench_limit "${FSDP_LIMIT_S:-100}")"
+step 06b-bench-fsdp $((FSDP_LIMIT + 40)) "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NRANKS" \
+  "$BENCH_DIR/bench_fsdp.py" --device "$DEVICE" $QUICK --out "$OUTDIR"
 
 # 5. one report named after the device and the date
 if [ "$DRY" = 1 ]; then

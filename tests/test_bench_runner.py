@@ -490,6 +490,8 @@ def test_gpu_suite_script_syntax_and_dry_run(tmp_path):
     assert any("-k triton" in c for c in cmds)
     bench_cmds = [c for c in cmds if "antibody_fast bench --device cuda" in c]
     assert len(bench_cmds) == 2 and all("--time-limit" in c and str(tmp_path / "o") in c for c in bench_cmds)
+    fsdp = [c for c in cmds if "bench_fsdp.py" in c]
+    assert len(fsdp) == 1 and "torch.distributed.run" in fsdp[0] and "--device cuda" in fsdp[0]
     assert "--from-json" in cmds[-1]
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)

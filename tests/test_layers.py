@@ -17,11 +17,11 @@ PKG = "antibody_fast"
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("", "_ext", "_io", "dispatch", "guard", "distributed", "recipes", "testing")),
+    ("foundation", ("", "_ext", "_io", "_rng", "dispatch", "guard", "distributed", "recipes", "testing")),
     ("kernels and ops", ("kernels", "ops")),
-    ("plumbing", ("flat", "_model", "models", "models_gguf", "data", "reference")),
+    ("plumbing", ("flat", "fsdp", "_model", "models", "models_gguf", "data", "reference")),
     ("steps", ("steps", "baselines")),
-    ("services", ("checkpoint", "evaluate", "integrations")),
+    ("services", ("checkpoint", "checkpoint_sharded", "evaluate", "integrations")),
     ("apps", ("cli", "bench", "demo", "info", "gpu_compile", "gpu_variants", "__main__")),
 ]
 

@@ -39,3 +39,18 @@ def test_readme_trl_script_runs():
     assert r.returncode == 0, r.stdout + r.stderr
     m = re.search(r"fused calls: (\d+) losses: \[(.+)\]", r.stdout)
     assert m is not None and int(m.group(1)) >= 2 and len(m.group(2).split(",")) == 2, r.stdout
+
+
+def test_readme_fsdp_script_runs(tmp_path):
+    """The "Scaling out" script runs as written under ``torchrun --nproc-per-node 2`` (gloo on CPU)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    script = next(b for b in blocks if "shard_model(" in b)
+    path = tmp_path / "fsdp_example.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(path)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sums = re.findall(r"rank (\d): weight \[.*\], sum over ranks ([0-9.]+)", r.stdout)
+    assert sorted(int(k) for k, _ in sums) == [0, 1], r.stdout
+    assert all(abs(float(v) - 1.0) < 1e-4 for _, v in sums), r.stdout

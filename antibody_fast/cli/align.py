@@ -19,7 +19,7 @@ from .inputs import collator_args, kept, order, precheck, refusal_pool, template
 from .loading import load_model
 from .loop import TrainLoop, make_optimizer
 from .options import AlignOptions
-from .runtime import WORLD, amp_dtype, sync_trainable, training_device
+from .runtime import WORLD, amp_dtype, distribute_model, training_device
 
 __all__ = ["AlignRun", "run_align"]
 
@@ -79,7 +79,7 @@ class AlignRun(TrainLoop):
         self.align, self.harmful = align, harmful
         self.global_batch = opts.batch_size * WORLD.size
         self.total = opts.resolve_steps(len(align), self.global_batch)
-        sync_trainable(self.model)
+        distribute_model(self.model, opts)
         self.optimizer, self.scheduler = make_optimizer(self.model, opts, self.total)
         self.state = AlignState() if two_sets else None  # λ's EMA (Antibody; Booster keeps it constant)
         if self.ckpt is not None:
@@ -142,9 +142,7 @@ class AlignRun(TrainLoop):
         return {k: s[k] for k in self.LOGGED if k in s}, post
 
     def save(self, step):
-        if WORLD.main:
-            self.write_checkpoint(step, self.state)
-        WORLD.barrier()
+        self.write_checkpoint(step, self.state)
 
     def run_info(self) -> dict:
         info = {**super().run_info(), "num_align_used": len(self.align)}

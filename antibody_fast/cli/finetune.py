@@ -25,7 +25,7 @@ from .loading import adapter_mode, load_model
 from .loop import LoggedStats, TrainLoop, make_optimizer
 from .options import FinetuneOptions
 from .outputs import suppression_outputs
-from .runtime import WORLD, amp_dtype, sync_trainable, training_device
+from .runtime import WORLD, amp_dtype, distribute_model, training_device
 
 __all__ = ["FinetuneRun", "run_finetune", "phase_steps_before"]
 
@@ -51,6 +51,11 @@ class FinetuneRun(TrainLoop):
         self.method = method = opts.method
         self.antibody, self.lisa = method == "antibody", method == "lisa"
         lisa = self.lisa
+        if lisa and opts.fsdp:
+            raise CLIError(
+                "--method lisa with --fsdp: Lisa's anchor is held as per-rank shards, which the sharded checkpoint "
+                "does not carry yet; run Lisa without --fsdp (lisa_step itself accepts an FSDP2 model)"
+            )
         task = load_task(opts.task, opts.task_data)
         harmful = load_harmful(opts.harmful_data) if opts.harmful_ratio > 0 else []
         try:
@@ -95,7 +100,7 @@ class FinetuneRun(TrainLoop):
             )
             self.lisa_config.validate()
             self.lisa_state = LisaState()
-        sync_trainable(self.model)
+        distribute_model(self.model, opts)
         self.optimizer, self.scheduler = make_optimizer(self.model, opts, total)
         self.sum_w = torch.zeros(n_all, dtype=torch.float64, device=device)
         self.count = torch.zeros(n_all, dtype=torch.float64, device=device)
@@ -203,9 +208,7 @@ class FinetuneRun(TrainLoop):
 
     def save(self, step):
         total_w, total_c = self.global_sums()  # every rank joins the reduction; rank 0 writes
-        if WORLD.main:
-            self.write_checkpoint(step, self.lisa_state, sum_w=total_w.cpu(), count=total_c.cpu())
-        WORLD.barrier()
+        self.write_checkpoint(step, self.lisa_state, sum_w=total_w.cpu(), count=total_c.cpu())
 
     def run_info(self) -> dict:
         info = {

@@ -103,8 +103,12 @@ class TrainLoop:
         return extra
 
     def write_checkpoint(self, step: int, state, **more) -> None:
-        """Write ``OUTPUT/checkpoint.pt`` (rank 0 only): the trainable weights, optimizer, scheduler, ``state``
-        and the position (command, method, ``step``, global batch, ``more``), with the run's fingerprint."""
+        """Write ``OUTPUT/checkpoint.pt``: the trainable weights, optimizer, scheduler, ``state`` and the position
+        (command, method, ``step``, global batch, ``more``), with the run's fingerprint. Every rank calls it:
+        rank 0 writes (``--fsdp``: every rank writes its shards, rank 0 the file naming them), then a barrier."""
+        if not (WORLD.main or self.opts.fsdp):
+            WORLD.barrier()
+            return
         extra = {
             "command": self.command,
             "method": self.opts.method,
@@ -121,6 +125,8 @@ class TrainLoop:
             extra=extra,
             fingerprint=fingerprint(self.opts),
         )
+        if not self.opts.fsdp:  # the sharded save ends with its own barrier
+            WORLD.barrier()
 
     # ------------------------------------------------------------------------------------ defined per command
     def make_batch(self, step: int) -> tuple[Any, int]:
@@ -210,6 +216,11 @@ class TrainLoop:
             if main:
                 say(f"{self.command}: stopped after step {end}/{total}; resume with --resume")
             return False
+        full = None
+        if opts.fsdp:  # every rank joins the gather of the trainable weights; rank 0 writes them
+            from ..fsdp import full_trainable_state
+
+            full = full_trainable_state(self.model)
         if main:
             meta = {
                 "command": self.command,
@@ -219,6 +230,6 @@ class TrainLoop:
             }
             if "adapter_mode" in info:
                 meta["adapter_mode"] = info["adapter_mode"]
-            save_adapter(self.model, self.out_dir, meta)
+            save_adapter(self.model, self.out_dir, meta, state_dict=full)
         WORLD.barrier()
         return True

@@ -236,6 +236,7 @@ class TrainOptions(CommonOptions):
         int, None, "stop after this many steps in this run (simulates an interruption)"
     )
     log_every: int = _opt(int, 1, "write a metrics line every N steps")
+    fsdp: bool = _opt(bool, False, "shard the model with FSDP2 (see README 'Scaling out')", flag=True)
     impl: str = _opt(str, "auto", "fused-op implementation", choices=("auto", "triton", "cpp", "torch"))
 
     def validate(self) -> None:

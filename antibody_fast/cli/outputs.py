@@ -124,6 +124,7 @@ _NOT_FINGERPRINTED = frozenset(
         "resume",
         "force",
         "save_every",
+        "fsdp",
         "stop_after",
         "no_progress",
         "log_every",
@@ -192,16 +193,21 @@ def checked_extra(extra, opts: TrainOptions, path: str, global_batch: int) -> di
 
 
 # ----------------------------------------------------------------------------------------------- adapter
-def save_adapter(model, out_dir: str, metadata: dict | None = None) -> str:
+def save_adapter(model, out_dir: str, metadata: dict | None = None, state_dict: dict | None = None) -> str:
     """PEFT ``save_pretrained`` into a temporary directory, plus ``metadata`` (which command and method made
     the adapter: :func:`antibody_fast.models.write_adapter_metadata`), then renamed to ``out_dir/adapter``.
-    An adapter with non-finite values is never written (the last good one is kept)."""
+    An adapter with non-finite values is never written (the last good one is kept). ``state_dict``: the
+    gathered trainable weights of a sharded model (:func:`antibody_fast.fsdp.full_trainable_state`)."""
     import torch
 
     from ..checkpoint import NonFiniteCheckpointError
     from ..models import write_adapter_metadata
 
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if state_dict is None:
+        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        tensors = state_dict
+    bad = [n for n, p in tensors.items() if not bool(torch.isfinite(p).all())]
     if bad:
         raise NonFiniteCheckpointError(
             f"refusing to write the adapter: non-finite values (NaN/inf) in {', '.join(bad[:3])}"
@@ -209,7 +215,10 @@ def save_adapter(model, out_dir: str, metadata: dict | None = None) -> str:
         )
     final = os.path.join(out_dir, "adapter")
     with atomic_directory(final) as tmp:
-        model.save_pretrained(tmp)
+        if state_dict is None:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)
         if metadata:
             write_adapter_metadata(tmp, **metadata)
     return final

@@ -86,13 +86,24 @@ def launched_world_size() -> int:
         raise CLIError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} is not an integer") from None
 
 
-def init_distributed(device):
+def init_distributed(device, *, always: bool = False):
     """Join the ``torchrun`` process group when launched with several processes; returns the device to use
-    (``cuda:LOCAL_RANK`` on CUDA). Single process: ``device`` unchanged."""
+    (``cuda:LOCAL_RANK`` on CUDA). Single process: ``device`` unchanged, and no process group unless
+    ``always`` (``--fsdp``, whose DTensors need one: a one-rank group is made then)."""
     import torch
     import torch.distributed as dist
 
     world = launched_world_size()
+    if world <= 1 and always and not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:  # a free local port for the one-rank group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        WORLD.owned = True
+        return device
     if world <= 1:
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -108,6 +119,16 @@ def init_distributed(device):
         WORLD.owned = True
     WORLD.rank, WORLD.size = dist.get_rank(), dist.get_world_size()
     return device
+
+
+def distribute_model(model, opts: TrainOptions) -> None:
+    """Every rank starts from rank 0's trainable parameters (:func:`sync_trainable`); with ``--fsdp`` the model
+    is then sharded (:func:`antibody_fast.fsdp.shard_model`). Call before the optimizer is built."""
+    sync_trainable(model)
+    if opts.fsdp:
+        from ..fsdp import shard_model
+
+        shard_model(model)
 
 
 def sync_trainable(model) -> None:
@@ -130,7 +151,7 @@ def training_device(opts: TrainOptions):
 
     check_model_source(opts.model)
     check_adapters(opts.adapter)
-    device = init_distributed(resolve_device(opts.device))
+    device = init_distributed(resolve_device(opts.device), always=opts.fsdp)
     check_impl(opts.impl, device)
     torch.manual_seed(opts.seed)
     return device

@@ -49,6 +49,12 @@ def trunk_forward(parts: Parts, input_ids, attention_mask, position_ids, *, use_
 
     ``past`` is passed only when there is one, under the name the trunk's signature uses (``cache`` in newer
     transformers, ``past_key_values`` before: :func:`~antibody_fast._model.cache_argument`)."""
+    if parts.fsdp_root is not None:  # FSDP2: the trunk runs inside the root's forward, so its hooks run
+        from ..fsdp import root_hidden
+
+        return root_hidden(
+            parts.fsdp_root, input_ids, attention_mask, position_ids, use_cache=use_cache, past=past
+        )
     kwargs = {}
     if past is not None:
         kwargs[cache_argument(parts)] = past
@@ -81,8 +87,9 @@ def prepare(model: nn.Module):
 
 
 def reduce_grads(flat, group) -> None:
-    """Sum the flat gradient buffers over ranks (no-op in one process)."""
-    if is_distributed(group):
+    """Sum the flat gradient buffers over ranks (no-op in one process, and under FSDP2, whose reduce-scatter
+    already left the summed gradient's local shard in the flat gradient buffer)."""
+    if is_distributed(group) and not flat.sharded:
         for g in flat.grad_buffers:
             all_reduce_sum(g, group)
 
@@ -133,7 +140,8 @@ def start_guard(optimizer, flat, config, owner: str):
 def finish(
     flat, optimizer, scheduler, config, guard, ok: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Clip (fused, on the flat grads), optimizer step, scheduler step, zero the flat grads.
+    """Clip (fused, on the flat grads; the norm is global over the shards under FSDP2), optimizer step,
+    scheduler step, zero the flat grads.
 
     ``config`` is the step's config: ``max_grad_norm`` (``None`` or 0: no clipping), ``impl``,
     ``guard_nonfinite`` and ``max_consecutive_skips``. With the guard on, ``guard`` (an
@@ -144,11 +152,12 @@ def finish(
 
     max_grad_norm = config.max_grad_norm or None
     grads = flat.grad_buffers
+    group = flat.shard_group  # sharded: the global norm over every rank's shards
     with torch.no_grad():
         if max_grad_norm is None:
-            norm = sq_norm(grads, impl=config.impl).sqrt()
+            norm = sq_norm(grads, group, impl=config.impl).sqrt()
         else:
-            norm = clip_(grads, float(max_grad_norm), impl=config.impl)
+            norm = clip_(grads, float(max_grad_norm), group, impl=config.impl)
     if not config.guard_nonfinite:
         optimizer.step()
         if scheduler is not None:

@@ -103,7 +103,8 @@ def align_step(
             ok = ok & torch.isfinite(stats.loss_refusal)
     if need_h:
         with torch.no_grad():
-            dots = grad_dots(grads, g_h, g_p, impl=impl)  # [<g_a,g_s>, ||g_a||², ||g_s||²]
+            # [<g_a,g_s>, ||g_a||², ||g_s||²]; sharded: local partial sums + one all-reduce
+            dots = grad_dots(grads, g_h, g_p, group=flat.shard_group, impl=impl)
             lam = lambda_t(rule, dots, state, config)
             ok = ok & torch.isfinite(lam.value)
             # δ = g_a + λ_t g_s + λ_ref g_r, in place in the flat grad buffer

@@ -457,7 +457,7 @@ def lisa_step(
     with torch.no_grad():
         # ||theta - anchor||^2 is the third of grad_dots(g, theta, anchor) (one fused pass, no temporary), and
         # the proximal gradient g += rho * (theta - anchor) is antibody_combine_ with lambda_t = rho.
-        prox = 0.5 * rho * grad_dots(grads, theta, state.anchor, impl=impl)[2]
+        prox = 0.5 * rho * grad_dots(grads, theta, state.anchor, group=flat.shard_group, impl=impl)[2]
         if rho:
             antibody_combine_(grads, grads, theta, state.anchor, None, rho, 0.0, impl=impl)
     loss_value = global_loss_value(loss, None)  # the same on every rank, so every rank skips alike

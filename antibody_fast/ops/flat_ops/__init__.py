@@ -163,7 +163,7 @@ def perturb_(
         backup = as_list(list(out), "perturb_: out")
         check_like(theta, backup, "flat", "perturb_: out")
         for i, (t, b) in enumerate(zip(theta, backup)):
-            if b.data_ptr() == t.data_ptr():
+            if b.data_ptr() == t.data_ptr() and t.numel():  # empty tensors (an empty local shard) share ptr 0
                 raise ValueError(f"perturb_: out[{i}] aliases flat[{i}]")
     impl = _resolve("perturb_", impl, theta)
     # without a group the op computes the norm itself (Triton: partial sums + one fused pass = 2 launches)

@@ -1,0 +1,171 @@
+"""The sharded half of a checkpoint of an FSDP2 run: trainable weights and optimizer state written by every rank
+with ``torch.distributed.checkpoint`` (DCP), next to the small checkpoint file rank 0 writes
+(:mod:`antibody_fast.checkpoint`: scheduler, λ EMA / step state, RNG, position, fingerprint, checksum).
+
+Layout: ``<checkpoint>.shards-<id>/`` (one DCP directory per save; ``id`` is fresh each time and recorded in the
+checkpoint file). A save writes the new directory first and the checkpoint file last, then deletes the older
+directories, so a crash at any point leaves a checkpoint file whose directory is complete. The checkpoint file
+records the SHA-256 of every file of its directory, verified on load.
+
+DCP reshards on load: a run saved on N ranks resumes on M ranks (the data order decides whether that is
+allowed; the command line checks the global batch). Every function here is collective: every rank of the
+default process group calls it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import uuid
+from typing import Any
+
+import torch
+
+__all__ = ["SHARDS_SUFFIX", "load_shards", "nonfinite_shards", "remove_old_shards", "save_shards"]
+
+SHARDS_SUFFIX = ".shards-"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("a sharded (FSDP2) checkpoint needs torch.distributed to be initialised")
+    return dist
+
+
+def _options(strict: bool = True):
+    """Trainable entries only; loading is not strict because the frozen base weights are not in the checkpoint
+    (the trainable names were checked against the checkpoint's record before)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _state(model, optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [], options=_options())
+    out = {"model": msd}
+    if optimizer is not None:
+        out["optimizer"] = osd
+    return out
+
+
+def _tensors(obj: Any, where: str = ""):
+    if isinstance(obj, torch.Tensor):
+        yield where, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{where}.{k}" if where else str(k))
+
+
+def nonfinite_shards(model, optimizer) -> list[str]:
+    """Names of the trainable weights / optimizer-state entries holding NaN/inf on *any* rank (each rank checks
+    its local shards; one all-reduce; the same list-or-empty on every rank, the names those of this rank)."""
+    dist = _dist()
+    bad = []
+    for name, t in _tensors(_state(model, optimizer)):
+        loc = t.to_local() if hasattr(t, "to_local") else t
+        if loc.is_floating_point() and loc.numel() and not bool(torch.isfinite(loc).all()):
+            bad.append(name)
+    flag = torch.tensor([len(bad)], dtype=torch.int64)
+    dist.all_reduce(flag)
+    if int(flag) and not bad:
+        bad.append("(another rank's shards)")
+    return bad
+
+
+def _hash_files(directory: str) -> dict[str, str]:
+    out = {}
+    for f in sorted(os.listdir(directory)):
+        h = hashlib.sha256()
+        with open(os.path.join(directory, f), "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[f] = h.hexdigest()
+    return out
+
+
+def save_shards(path: str, model, optimizer) -> dict[str, Any]:
+    """Write the trainable weights and the optimizer state of an FSDP2 model into a fresh
+    ``<path>.shards-<id>/`` (collective). Returns the descriptor the checkpoint file stores:
+    ``{"dir": basename, "world_size": int, "files": {name: sha256}}`` (the same on every rank)."""
+    import torch.distributed.checkpoint as dcp
+
+    dist = _dist()
+    token = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    directory = f"{path}{SHARDS_SUFFIX}{token[0]}"
+    dcp.save(_state(model, optimizer), checkpoint_id=directory)
+    dist.barrier()  # every rank's files are written
+    files = [_hash_files(directory) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(files, src=0)
+    return {
+        "dir": os.path.basename(directory),
+        "world_size": dist.get_world_size(),
+        "files": files[0],
+        "parts": ["model", "optimizer"] if optimizer is not None else ["model"],
+    }
+
+
+def remove_old_shards(path: str, keep: str) -> None:
+    """Rank 0, after the checkpoint file naming ``keep`` is in place: delete the other shard directories."""
+    for d in glob.glob(glob.escape(path) + SHARDS_SUFFIX + "*"):
+        if os.path.basename(d) != keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_shards(path: str, descriptor: Any, model, optimizer):
+    """Read and verify the shards a checkpoint file names, **without** changing the model or optimizer
+    (collective). Returns ``apply()``, which loads them into the model and the optimizer (DCP reshards to this
+    world size). Raises ``ValueError`` for a missing or changed file, or weights / state that do not fit."""
+    import torch.distributed.checkpoint as dcp
+
+    if not isinstance(descriptor, dict) or not isinstance(descriptor.get("files"), dict):
+        raise ValueError(f"load_checkpoint: {path!r} has a corrupt 'sharded' entry")
+    directory = os.path.join(os.path.dirname(os.path.abspath(path)), str(descriptor.get("dir")))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"load_checkpoint: the shard directory {directory!r} of {path!r} is missing")
+    found = _hash_files(directory)
+    if found != descriptor["files"]:
+        recorded = descriptor["files"]
+        changed = sorted(set(found) ^ set(recorded) | {k for k in found if found[k] != recorded.get(k)})
+        raise ValueError(
+            f"load_checkpoint: the shards in {directory!r} do not match the checkpoint's record (changed or "
+            f"missing: {', '.join(changed[:5])})"
+        )
+    target = _clone(_state(model, optimizer))  # loaded into copies: nothing changes unless every entry loads
+    try:
+        dcp.load(target, checkpoint_id=directory)
+    except Exception as e:
+        raise ValueError(
+            f"load_checkpoint: the shards in {directory!r} do not fit this model / optimizer ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]})"
+        ) from e
+
+    def apply() -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(
+            model,
+            optimizer if optimizer is not None else [],
+            model_state_dict=target["model"],
+            optim_state_dict=target.get("optimizer", {}),
+            options=_options(strict=False),
+        )
+
+    return apply
+
+
+def _clone(obj: Any) -> Any:
+    """A copy of a nested state dict whose tensors (DTensors included) are fresh copies."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
