@@ -218,7 +218,9 @@ def _save_sharded(path, model, optimizer, scheduler, state, extra, fingerprint, 
             f"save_checkpoint: refusing to write {path!r}: non-finite values (NaN/inf) in {', '.join(bad[:5])}; the "
             "previous checkpoint is kept"
         )
-    descriptor = save_shards(path, model, optimizer)
+    anchor = getattr(state, "anchor", None)  # Lisa's anchor is per-rank shards: it travels with them
+    anchor = anchor if isinstance(anchor, list) else None
+    descriptor = save_shards(path, model, optimizer, anchor)
     descriptor["names"] = sorted(named_trainable(unwrap_ddp(model)))
     if dist.get_rank() == 0:
         payload: dict[str, Any] = {
@@ -227,7 +229,7 @@ def _save_sharded(path, model, optimizer, scheduler, state, extra, fingerprint, 
             "optimizer": None,
             "sharded": descriptor,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "state": state.state_dict() if state is not None else None,
+            "state": _state_without_anchor(state, anchor),
             "rng": rng_state(),
             "extra": extra,
             "fingerprint": fingerprint,
@@ -237,6 +239,16 @@ def _save_sharded(path, model, optimizer, scheduler, state, extra, fingerprint, 
             torch.save(payload, f)
         remove_old_shards(path, descriptor["dir"])
     dist.barrier()
+
+
+_ANCHOR_IN_SHARDS = "in the shards"
+
+
+def _state_without_anchor(state, anchor) -> dict | None:
+    if state is None:
+        return None
+    sd = state.state_dict()
+    return sd if anchor is None else {**sd, "anchor": _ANCHOR_IN_SHARDS}
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -470,7 +482,9 @@ def _load_sharded(path, payload, model, optimizer, scheduler, state, restore_rng
     apply_shards = load_shards(path, descriptor, model, optimizer)
     undo: list = []
     try:
-        apply_shards()
+        anchor = apply_shards()
+        if anchor is not None and isinstance(payload["state"], dict):
+            payload = {**payload, "state": {**payload["state"], "anchor": anchor}}
         _apply_rest(payload, scheduler, state, restore_rng, undo)
     except Exception as e:
         raise _rollback(undo, path, e) from e

@@ -44,13 +44,41 @@ def _options(strict: bool = True):
     return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
-def _state(model, optimizer) -> dict[str, Any]:
+def _state(model, optimizer, anchor: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """The DCP state: trainable weights, optimizer state and, given ``anchor`` (one tensor per local shard, laid
+    out like ``FlatParameters.param_buffers``: Lisa's), the anchor as DTensors sharded like the parameters."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer if optimizer is not None else [], options=_options())
     out = {"model": msd}
     if optimizer is not None:
         out["optimizer"] = osd
+    if anchor is not None:
+        out["anchor"] = _anchor_dtensors(model, anchor)
+    return out
+
+
+def _anchor_dtensors(model, anchor: list[torch.Tensor]) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    from ._model import flat_parameters
+
+    flat = flat_parameters(model)
+    if len(anchor) != len(flat.parameters):
+        raise ValueError(
+            f"the anchor has {len(anchor)} tensors but the model {len(flat.parameters)} trainable ones"
+        )
+    out = {}
+    for name, p, a in zip(flat.names, flat.parameters, anchor):
+        local = p.to_local()
+        out[name] = DTensor.from_local(
+            a.reshape(local.shape),
+            p.device_mesh,
+            p.placements,
+            run_check=False,
+            shape=p.shape,
+            stride=p.stride(),
+        )
     return out
 
 
@@ -89,17 +117,18 @@ def _hash_files(directory: str) -> dict[str, str]:
     return out
 
 
-def save_shards(path: str, model, optimizer) -> dict[str, Any]:
-    """Write the trainable weights and the optimizer state of an FSDP2 model into a fresh
-    ``<path>.shards-<id>/`` (collective). Returns the descriptor the checkpoint file stores:
-    ``{"dir": basename, "world_size": int, "files": {name: sha256}}`` (the same on every rank)."""
+def save_shards(path: str, model, optimizer, anchor: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write the trainable weights, the optimizer state and (given) Lisa's ``anchor`` of an FSDP2 model into a
+    fresh ``<path>.shards-<id>/`` (collective). Returns the descriptor the checkpoint file stores:
+    ``{"dir": basename, "world_size": int, "files": {name: sha256}, "parts": [...]}`` (the same on every
+    rank)."""
     import torch.distributed.checkpoint as dcp
 
     dist = _dist()
     token = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(token, src=0)
     directory = f"{path}{SHARDS_SUFFIX}{token[0]}"
-    dcp.save(_state(model, optimizer), checkpoint_id=directory)
+    dcp.save(_state(model, optimizer, anchor), checkpoint_id=directory)
     dist.barrier()  # every rank's files are written
     files = [_hash_files(directory) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(files, src=0)
@@ -107,7 +136,9 @@ def save_shards(path: str, model, optimizer) -> dict[str, Any]:
         "dir": os.path.basename(directory),
         "world_size": dist.get_world_size(),
         "files": files[0],
-        "parts": ["model", "optimizer"] if optimizer is not None else ["model"],
+        "parts": ["model"]
+        + (["optimizer"] if optimizer is not None else [])
+        + (["anchor"] if anchor else []),
     }
 
 
@@ -121,7 +152,9 @@ def remove_old_shards(path: str, keep: str) -> None:
 def load_shards(path: str, descriptor: Any, model, optimizer):
     """Read and verify the shards a checkpoint file names, **without** changing the model or optimizer
     (collective). Returns ``apply()``, which loads them into the model and the optimizer (DCP reshards to this
-    world size). Raises ``ValueError`` for a missing or changed file, or weights / state that do not fit."""
+    world size) and returns Lisa's anchor for this rank's shards (a list laid out like
+    ``FlatParameters.param_buffers``), or None when the checkpoint has none. Raises ``ValueError`` for a missing
+    or changed file, or weights / state that do not fit."""
     import torch.distributed.checkpoint as dcp
 
     if not isinstance(descriptor, dict) or not isinstance(descriptor.get("files"), dict):
@@ -137,7 +170,26 @@ def load_shards(path: str, descriptor: Any, model, optimizer):
             f"load_checkpoint: the shards in {directory!r} do not match the checkpoint's record (changed or "
             f"missing: {', '.join(changed[:5])})"
         )
-    target = _clone(_state(model, optimizer))  # loaded into copies: nothing changes unless every entry loads
+    anchor = None
+    if "anchor" in descriptor.get("parts", ()):
+        from ._model import flat_parameters
+
+        anchor = [torch.zeros_like(t) for t in flat_parameters(model).param_buffers]
+    if optimizer is not None and not optimizer.state:
+        # DCP creates an empty optimizer's state (a zero-lr step on zero gradients) only when no parameter has a
+        # gradient; the flat gradient views may be attached already. They are re-attached by the next step.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+    target = _clone(_state(model, optimizer, anchor))  # loaded into copies: nothing changes unless all loads
+    if (
+        optimizer is not None
+        and "optimizer" in descriptor.get("parts", ())
+        and not target["optimizer"].get("state")
+    ):
+        raise ValueError(
+            f"load_checkpoint: the optimizer's state could not be set up to load {directory!r} into"
+        )
     try:
         dcp.load(target, checkpoint_id=directory)
     except Exception as e:
@@ -156,6 +208,9 @@ def load_shards(path: str, descriptor: Any, model, optimizer):
             optim_state_dict=target.get("optimizer", {}),
             options=_options(strict=False),
         )
+        if "anchor" not in target:
+            return None
+        return [t.to_local().reshape(-1).clone() for t in target["anchor"].values()]
 
     return apply
 

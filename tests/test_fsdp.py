@@ -197,7 +197,7 @@ def _reliability(rank, out_dir):
 
     path = os.path.join(out_dir, "ckpt.pt")
     save_checkpoint(path, model, opt, extra={"step": 3})
-    saved = local()
+    saved, st_saved = local(), state()
     weighted_step(model, ft, opt)  # moves on
     moved = local()
     shard_dir = [d for d in os.listdir(out_dir) if d.startswith("ckpt.pt.shards-")]
@@ -227,6 +227,15 @@ def _reliability(rank, out_dir):
     assert extra == {"step": 3}
     for a, b in zip(local(), saved):
         assert torch.equal(a, b), "the restored parameters differ from the saved ones"
+    # a fresh optimizer while the flat gradient views are attached (DCP would then skip creating its state, and
+    # the optimizer state would silently not load)
+    from antibody_fast._model import flat_parameters
+
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    flat_parameters(model).zero_grad()
+    load_checkpoint(path, model, opt)
+    for a, b in zip(state(), st_saved):
+        assert torch.equal(a, b), "the optimizer state was not restored into a fresh optimizer"
     open(os.path.join(out_dir, f"ok{rank}"), "w").close()
 
 

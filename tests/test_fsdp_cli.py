@@ -93,11 +93,25 @@ def test_align_fsdp_equals_one_process(env, tmp_path):
         assert abs(x - y) <= 1e-5 * abs(x) + 1e-7, (x, y)
 
 
-def test_lisa_with_fsdp_is_refused_before_anything_is_written(env, tmp_path, capsys):
-    out = tmp_path / "lisa"
-    rc = commands.main(
-        "finetune", [*_args(env, out, 4), "--method", "lisa", "--align-data", env["align"], "--fsdp"]
+def test_lisa_fsdp_anchor_travels_with_the_shards(env, tmp_path):
+    """Lisa's anchor is per-rank shards: the sharded checkpoint carries it (as DTensors), so a 2-rank run stopped
+    mid-way and resumed on 1 rank ends where one process does."""
+    lisa = [
+        "--method",
+        "lisa",
+        "--align-data",
+        env["align"],
+        "--lisa-align-steps",
+        "1",
+        "--lisa-finetune-steps",
+        "1",
+    ]
+    single = tmp_path / "single"
+    assert commands.main("finetune", [*_args(env, single, 4), *lisa]) == 0
+    part = tmp_path / "part"
+    proc = _torchrun(
+        "finetune", [*_args(env, part, 2), *lisa, "--fsdp", "--save-every", "1", "--stop-after", "3"]
     )
-    assert rc == 2
-    assert "--method lisa with --fsdp" in capsys.readouterr().err
-    assert not out.exists()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert commands.main("finetune", [*_args(env, part, 4), *lisa, "--fsdp", "--resume"]) == 0
+    _same_adapter(single, part)

@@ -51,11 +51,6 @@ class FinetuneRun(TrainLoop):
         self.method = method = opts.method
         self.antibody, self.lisa = method == "antibody", method == "lisa"
         lisa = self.lisa
-        if lisa and opts.fsdp:
-            raise CLIError(
-                "--method lisa with --fsdp: Lisa's anchor is held as per-rank shards, which the sharded checkpoint "
-                "does not carry yet; run Lisa without --fsdp (lisa_step itself accepts an FSDP2 model)"
-            )
         task = load_task(opts.task, opts.task_data)
         harmful = load_harmful(opts.harmful_data) if opts.harmful_ratio > 0 else []
         try:
