@@ -59,27 +59,15 @@ def _state(model, optimizer, anchor: list[torch.Tensor] | None = None) -> dict[s
 
 
 def _anchor_dtensors(model, anchor: list[torch.Tensor]) -> dict[str, Any]:
-    from torch.distributed.tensor import DTensor
-
     from ._model import flat_parameters
+    from .distributed import dtensor_like
 
     flat = flat_parameters(model)
     if len(anchor) != len(flat.parameters):
         raise ValueError(
             f"the anchor has {len(anchor)} tensors but the model {len(flat.parameters)} trainable ones"
         )
-    out = {}
-    for name, p, a in zip(flat.names, flat.parameters, anchor):
-        local = p.to_local()
-        out[name] = DTensor.from_local(
-            a.reshape(local.shape),
-            p.device_mesh,
-            p.placements,
-            run_check=False,
-            shape=p.shape,
-            stride=p.stride(),
-        )
-    return out
+    return {name: dtensor_like(a, p) for name, p, a in zip(flat.names, flat.parameters, anchor)}
 
 
 def _tensors(obj: Any, where: str = ""):

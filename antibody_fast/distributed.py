@@ -22,6 +22,7 @@ __all__ = [
     "all_reduce_max",
     "all_gather_variable",
     "all_ranks_true",
+    "dtensor_like",
     "is_dtensor",
     "local_tensor",
     "shard_group",
@@ -107,6 +108,22 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
         return t
     with torch.no_grad():
         return t.to_local()
+
+
+def dtensor_like(local: torch.Tensor, param) -> torch.Tensor:
+    """A DTensor over ``local`` (this rank's shard, any shape with the shard's numel: it is viewed as the shard's
+    shape) with the mesh, placements, global shape and stride of the DTensor ``param``; no copy, no
+    communication."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local.view(local_tensor(param).shape),
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
 
 
 def shard_group(params) -> object | None:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import local_tensor, shard_group
+from .distributed import dtensor_like, local_tensor, shard_group
 from .ops.flat_ops import PerturbBackup, perturb_, restore_
 
 
@@ -203,8 +203,6 @@ class FlatParameters:
     def _init_sharded(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """FSDP2 layout (module docstring): one flat gradient buffer per dtype over the local shards, attached to
         each parameter as a DTensor ``.grad``; the parameters keep their own storage."""
-        from torch.distributed.tensor import DTensor
-
         by_dtype: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
         for name, p in named:
             by_dtype.setdefault(p.dtype, []).append((name, p))
@@ -225,16 +223,7 @@ class FlatParameters:
                     grp.offsets.append(off)
                     grp.shapes.append(loc.shape)  # the local shard's shape
                     grp.parameters.append(p)
-                    grp.grad_views.append(
-                        DTensor.from_local(
-                            view.view(loc.shape),
-                            p.device_mesh,
-                            p.placements,
-                            run_check=False,
-                            shape=p.shape,
-                            stride=p.stride(),
-                        )
-                    )
+                    grp.grad_views.append(dtensor_like(view, p))
                     self._grad_list.append(view)
                     off += n
                 self.groups.append(grp)

@@ -130,3 +130,18 @@ def unpadded_logprob(model: torch.nn.Module, prompt: list[int], answer: list[int
         logits = model(input_ids=ids).logits[0].double()
     logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
     return logp.gather(-1, torch.tensor(answer)[:, None]).sum()
+
+
+def join_spawned(ctx, timeout_s: float, what: str) -> None:
+    """Wait for ``torch.multiprocessing.spawn(..., join=False)``'s workers: a worker's exception is re-raised;
+    after ``timeout_s`` every worker is killed and the test fails (a collective mismatch hangs)."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{what} did not finish within {timeout_s} s (collective mismatch?)")

@@ -9,13 +9,12 @@ differs). ``weighted_step`` needs the softmax over the global batch and the glob
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import make_examples, make_refusal_pool, tiny_model, trainable_params
+from helpers import join_spawned, make_examples, make_refusal_pool, tiny_model, trainable_params
 
 from antibody_fast.data import AlignCollator, FinetuneCollator
 from antibody_fast.distributed import all_gather_variable, all_reduce_sum, is_distributed
@@ -77,12 +76,7 @@ def _worker(rank, init_file, out_dir):
 def test_ddp_update_equals_single_process_on_concatenated_batch(tmp_path):
     init_file = tmp_path / "init"
     ctx = mp.spawn(_worker, args=(str(init_file), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the DDP workers did not finish within {TIMEOUT_S} s (collective mismatch?)")
+    join_spawned(ctx, TIMEOUT_S, "the DDP workers")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     single = tiny_model("llama")

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import make_examples, make_refusal_pool, tiny_model
+from helpers import join_spawned, tiny_model
+from test_ddp import _data
 
 from antibody_fast.baselines import LisaConfig, LisaState, VaccineConfig, lisa_step, vaccine_step
-from antibody_fast.data import AlignCollator, FinetuneCollator
 from antibody_fast.steps import (
     AlignConfig,
     AlignState,
@@ -44,14 +43,6 @@ CASES = {
     # LoRA rank 1: lora_A is [1, hidden], so rank 1's shard of it is empty (and FSDP2 pads it)
     "llama-r1-empty-shards": ("llama", {"r": 1}),
 }
-
-
-def _data(step, lo, hi):
-    pool = make_refusal_pool(seed=100)
-    ft = FinetuneCollator(refusals=pool)(make_examples(5, seed=step)[lo:hi])
-    al = make_examples(5, seed=50 + step, harmful_every=None)[lo:hi]
-    hm = make_examples(5, seed=60 + step, harmful_every=1)[lo:hi]
-    return ft, AlignCollator(refusals=pool)(al, hm)
 
 
 def _scalar_stats(st, keys):
@@ -138,12 +129,7 @@ def _equality(rank, out_dir, case):
 def test_fsdp2_steps_equal_single_process_on_concatenated_batch(tmp_path, case):
     init_file = tmp_path / "init"
     ctx = mp.spawn(_worker, args=(_equality, str(init_file), str(tmp_path), case), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the FSDP2 workers did not finish within {TIMEOUT_S} s (collective mismatch?)")
+    join_spawned(ctx, TIMEOUT_S, "the FSDP2 workers")
     got = torch.load(tmp_path / "fsdp.pt")
 
     single = _make(case)
@@ -174,6 +160,18 @@ def _reliability(rank, out_dir):
     from antibody_fast.fsdp import shard_model
 
     model = shard_model(tiny_model("llama"))
+    # head_args on a still-sharded trainable lm_head: the full weight, whose gradient is summed over the ranks
+    from antibody_fast._model import head_args
+
+    lm = model.get_base_model().lm_head
+    lm.weight.requires_grad_(True)
+    w, _ = head_args(lm, torch.float32)
+    assert type(w) is torch.Tensor and w.shape == lm.weight.shape
+    (w * (rank + 1.0)).sum().backward()
+    g = lm.weight.grad.to_local()
+    assert torch.equal(g, torch.full_like(g, 3.0)), "the gathered lm_head's gradient is not summed over ranks"
+    lm.weight.requires_grad_(False)
+    lm.weight.grad = None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     lo, hi = SPLITS[rank]
@@ -245,10 +243,5 @@ def test_fsdp2_guard_skips_on_every_rank_and_checkpoints_refuse_corrupt_shards(t
     ctx = mp.spawn(
         _worker, args=(_reliability, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False
     )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the FSDP2 workers did not finish within {TIMEOUT_S} s")
+    join_spawned(ctx, TIMEOUT_S, "the FSDP2 workers")
     assert all((tmp_path / f"ok{r}").exists() for r in range(WORLD))
