@@ -87,7 +87,8 @@ def nonfinite_shards(model, optimizer) -> list[str]:
         loc = t.to_local() if hasattr(t, "to_local") else t
         if loc.is_floating_point() and loc.numel() and not bool(torch.isfinite(loc).all()):
             bad.append(name)
-    flag = torch.tensor([len(bad)], dtype=torch.int64)
+    device = next(model.parameters()).device  # NCCL reduces device tensors only
+    flag = torch.tensor([len(bad)], dtype=torch.int64, device=device)
     dist.all_reduce(flag)
     if int(flag) and not bad:
         bad.append("(another rank's shards)")

@@ -76,8 +76,8 @@ def _time(fn, device: str, warmup: int, steps: int) -> tuple[float, int | None]:
         t0 = time.perf_counter()
         fn()
         _sync(device)
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank's time (gloo: a CPU tensor)
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)  # NCCL: on the GPU
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank's time
         times.append(float(dt))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return statistics.median(times), peak

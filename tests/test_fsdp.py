@@ -49,14 +49,14 @@ def _scalar_stats(st, keys):
     return {k: getattr(st, k).detach().clone() for k in keys if getattr(st, k, None) is not None}
 
 
-def _train(model, lo, hi):
+def _train(model, lo, hi, device="cpu"):
     """The same schedule on every rank (and in the single-process run): each step kind twice."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     state, lisa = AlignState(), LisaState()
     ft_cfg = FinetuneConfig(max_grad_norm=0.05)  # small, so the clip is active and its norm matters
     out = []
     for step in range(STEPS):
-        ft, ab = _data(step, lo, hi)
+        ft, ab = (b.to(device) for b in _data(step, lo, hi))
         rec = {}
         st = weighted_step(model, ft, opt, ft_cfg)
         rec["weighted"] = _scalar_stats(st, ("weights", "d", "loss", "grad_norm"))
@@ -84,7 +84,13 @@ def _worker(rank, body, init_file, *args):
     device mesh holds the group) while the interpreter is alive and destroy the group. A gloo thread released
     during the interpreter's teardown aborts the process (README "Scaling out")."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    cuda = "cuda" in args
+    if cuda:
+        torch.cuda.set_device(rank)
+    world = 1 if body is _one_rank else WORLD
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     try:
         body(rank, *args)
     finally:
@@ -245,3 +251,49 @@ def test_fsdp2_guard_skips_on_every_rank_and_checkpoints_refuse_corrupt_shards(t
     )
     join_spawned(ctx, TIMEOUT_S, "the FSDP2 workers")
     assert all((tmp_path / f"ok{r}").exists() for r in range(WORLD))
+
+
+# ------------------------------------------------------------------------------------------- one rank, any device
+def _one_rank(rank, out_dir, device):
+    """FSDP2 with one rank on ``device`` against the same model unsharded on the same device: the sharded code
+    paths (local-shard flat ops, the root forward, sum reduction, the guard) with the device's kernels (Triton on
+    CUDA)."""
+    got = []
+    for sharded in (False, True):
+        from antibody_fast.fsdp import shard_model
+
+        model = tiny_model("llama").to(device)
+        if sharded:
+            shard_model(model)
+        stats, state = _train(model, 0, 5, device)
+        got.append(
+            (
+                {
+                    n: p.full_tensor() if sharded else p
+                    for n, p in model.named_parameters()
+                    if p.requires_grad
+                },
+                stats,
+                state,
+            )
+        )
+    (ref, ref_stats, ref_state), (out, out_stats, out_state) = got
+    for k, v in ref.items():
+        assert_close(out[k], v, atol=REL * float(v.abs().max()), rtol=REL, name=f"{device} {k}")
+    assert_close(out_state.lambda_ema, ref_state.lambda_ema, name=f"{device} lambda EMA")
+    for step in range(STEPS):
+        for kind, exp in ref_stats[step].items():
+            for key, v in exp.items():
+                assert_close(out_stats[step][kind][key], v, name=f"{device} step {step} {kind}.{key}")
+    open(os.path.join(out_dir, "ok"), "w").close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fsdp2_one_rank_equals_unsharded_on_the_same_device(tmp_path, device):
+    ctx = mp.spawn(
+        _worker, args=(_one_rank, str(tmp_path / "init"), str(tmp_path), device), nprocs=1, join=False
+    )
+    join_spawned(ctx, TIMEOUT_S, "the FSDP2 worker")
+    assert (tmp_path / "ok").exists()
