@@ -91,6 +91,14 @@ def test_align_fsdp_equals_one_process(env, tmp_path):
     assert len(lam) == len(lam2) == 2
     for x, y in zip(lam, lam2):
         assert abs(x - y) <= 1e-5 * abs(x) + 1e-7, (x, y)
+    # stopped after step 1 on 2 ranks, resumed on 1: the λ EMA and the optimizer come back from the checkpoint
+    part = tmp_path / "part"
+    proc = _torchrun("align", [*args(part, 2), "--fsdp", "--stop-after", "1"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert commands.main("align", [*args(part, 4), "--fsdp", "--resume"]) == 0
+    _same_adapter(tmp_path / "single", part)
+    lam3 = [json.loads(x)["lambda_t"] for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert abs(lam3[-1] - lam[-1]) <= 1e-5 * abs(lam[-1]) + 1e-7, (lam3, lam)
 
 
 def test_lisa_fsdp_anchor_travels_with_the_shards(env, tmp_path):

@@ -49,6 +49,8 @@ Pipeline on a real model (a local directory or a hub id; ``HF_HUB_OFFLINE=1`` is
   (metrics, checkpoints, adapter, suppression report); per-sample weights are summed over ranks first. The
   metrics' weight statistics are rank 0's slice. A checkpoint resumes with another number of processes when
   ``N x batch_size`` stays the same (otherwise ``--resume`` is refused). ``evaluate`` runs in one process.
+  ``--fsdp`` shards the model with FSDP2 instead (:mod:`antibody_fast.fsdp`): the same update, 1/N of the model
+  state per rank, checkpoints as torch.distributed.checkpoint shards that resume on any N (README "Scaling out").
 * **Bad input** (malformed JSON, a missing field, an empty dataset, a ratio outside [0, 1], an unknown model,
   a bad option) is reported as ``antibody-fast <command>: error: ...`` with exit status 2, naming the file,
   line and field, before anything is written.
