@@ -176,9 +176,8 @@ class Parts:
     softcap: float | None
     cache_ok: bool = True  # False once the model returned no (or an unsupported) key/value cache
     cache_arg: str | None = None  # the trunk's name for the key/value cache argument (cache_argument)
-    fsdp_root: nn.Module | None = (
-        None  # the model, when it is an FSDP2 root: the trunk then runs inside its forward
-    )
+    # the model itself when it is an FSDP2 root: the steps then run the trunk inside its forward
+    fsdp_root: nn.Module | None = None
     warned: set[str] = field(default_factory=set)  # one-time messages already given for this model
 
 

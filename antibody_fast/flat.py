@@ -237,9 +237,8 @@ class FlatParameters:
         """``(data_ptr, dtype, device)`` of the first and last parameter of each group: as packed
         (``expected``: computed from the buffers) or as the parameters are now."""
         out = []
-        if (
-            self.sharded
-        ):  # FSDP2 owns the storage (param_buffers are fresh views): only dtype/device can go stale
+        # FSDP2 owns the storage (param_buffers are fresh views): only the dtype or the device can go stale
+        if self.sharded:
             return tuple(
                 (p.dtype, p.device) for g in self.groups for p in (g.parameters[0], g.parameters[-1])
             )

@@ -277,6 +277,19 @@ def _one_rank(rank, out_dir, device):
                 state,
             )
         )
+    # layouts the flat ops cannot reduce correctly are refused, naming the problem
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from antibody_fast.flat import FlatParameters
+
+    dt = next(p for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="DTensors"):
+        FlatParameters([dt, torch.nn.Parameter(torch.zeros(3, device=device))])
+    replicated = torch.nn.Parameter(
+        distribute_tensor(torch.zeros(4, 4, device=device), dt.device_mesh, [Replicate()])
+    )
+    with pytest.raises(ValueError, match="Shard"):
+        FlatParameters([replicated])
     (ref, ref_stats, ref_state), (out, out_stats, out_state) = got
     for k, v in ref.items():
         assert_close(out[k], v, atol=REL * float(v.abs().max()), rtol=REL, name=f"{device} {k}")
