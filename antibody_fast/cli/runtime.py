@@ -67,8 +67,13 @@ class World:
 
     def close(self) -> None:
         if self.owned:
+            import gc
+
             import torch.distributed as dist
 
+            # the run's DTensors (--fsdp) hold the group through their device mesh: collect them while the
+            # interpreter is alive (a gloo thread released at interpreter teardown aborts: cli.exit_process)
+            gc.collect()
             dist.destroy_process_group()
             self.owned = False
         self.rank, self.size = 0, 1
