@@ -79,7 +79,7 @@ def _make(case):
     return tiny_model(arch, **kw)
 
 
-def _worker(rank, body, init_file, *args):
+def _worker(rank, body, init_file, world, *args):
     """An ``mp.spawn`` worker: join the gloo group, run ``body(rank, *args)``, then collect the DTensors (their
     device mesh holds the group) while the interpreter is alive and destroy the group. A gloo thread released
     during the interpreter's teardown aborts the process (README "Scaling out")."""
@@ -87,7 +87,6 @@ def _worker(rank, body, init_file, *args):
     cuda = "cuda" in args
     if cuda:
         torch.cuda.set_device(rank)
-    world = 1 if body is _one_rank else WORLD
     dist.init_process_group(
         "nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
@@ -134,7 +133,9 @@ def _equality(rank, out_dir, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_steps_equal_single_process_on_concatenated_batch(tmp_path, case):
     init_file = tmp_path / "init"
-    ctx = mp.spawn(_worker, args=(_equality, str(init_file), str(tmp_path), case), nprocs=WORLD, join=False)
+    ctx = mp.spawn(
+        _worker, args=(_equality, str(init_file), WORLD, str(tmp_path), case), nprocs=WORLD, join=False
+    )
     join_spawned(ctx, TIMEOUT_S, "the FSDP2 workers")
     got = torch.load(tmp_path / "fsdp.pt")
 
@@ -247,7 +248,7 @@ def _reliability(rank, out_dir):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_fsdp2_guard_skips_on_every_rank_and_checkpoints_refuse_corrupt_shards(tmp_path):
     ctx = mp.spawn(
-        _worker, args=(_reliability, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False
+        _worker, args=(_reliability, str(tmp_path / "init"), WORLD, str(tmp_path)), nprocs=WORLD, join=False
     )
     join_spawned(ctx, TIMEOUT_S, "the FSDP2 workers")
     assert all((tmp_path / f"ok{r}").exists() for r in range(WORLD))
@@ -306,7 +307,54 @@ def _one_rank(rank, out_dir, device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_fsdp2_one_rank_equals_unsharded_on_the_same_device(tmp_path, device):
     ctx = mp.spawn(
-        _worker, args=(_one_rank, str(tmp_path / "init"), str(tmp_path), device), nprocs=1, join=False
+        _worker, args=(_one_rank, str(tmp_path / "init"), 1, str(tmp_path), device), nprocs=1, join=False
     )
     join_spawned(ctx, TIMEOUT_S, "the FSDP2 worker")
+    assert (tmp_path / "ok").exists()
+
+
+# ------------------------------------------------------------------------------------------- HF Trainer, one rank
+def _hf_trainer(rank, out_dir):
+    """``AntibodyFinetuneTrainer`` on an FSDP2 model (one rank: accelerate then leaves the model as it is) ends with
+    the weights of the same trainer on the unsharded model. With several CPU ranks accelerate wraps the model in
+    DDP, which cannot hold DTensors; its FSDP2 plugin only runs on GPUs (README "Scaling out")."""
+    from helpers import make_examples, make_refusal_pool
+    from transformers import TrainingArguments
+
+    from antibody_fast.fsdp import shard_model
+    from antibody_fast.integrations import AntibodyFinetuneTrainer
+
+    res = []
+    for sharded in (False, True):
+        model = tiny_model("llama")
+        if sharded:
+            shard_model(model)
+        args = TrainingArguments(
+            output_dir=os.path.join(out_dir, "trainer"), per_device_train_batch_size=4, max_steps=2,
+            learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0,
+        )  # fmt: skip
+        trainer = AntibodyFinetuneTrainer(
+            model=model, args=args, train_dataset=make_examples(8, seed=0), refusals=make_refusal_pool()
+        )
+        trainer.train()
+        assert type(trainer.model_wrapped).__name__.startswith("FSDP") == sharded
+        res.append(
+            {
+                n: p.full_tensor() if sharded else p.detach()
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            }
+        )
+    for k, v in res[0].items():
+        assert_close(res[1][k], v, atol=REL * float(v.abs().max()), rtol=REL, name=f"trainer {k}")
+    open(os.path.join(out_dir, "ok"), "w").close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_hf_finetune_trainer_on_an_fsdp2_model_one_rank(tmp_path):
+    ctx = mp.spawn(
+        _worker, args=(_hf_trainer, str(tmp_path / "init"), 1, str(tmp_path)), nprocs=1, join=False
+    )
+    join_spawned(ctx, TIMEOUT_S, "the FSDP2 trainer worker")
     assert (tmp_path / "ok").exists()
