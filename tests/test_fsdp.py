@@ -283,6 +283,8 @@ def _one_rank(rank, out_dir, device):
 
     from antibody_fast.flat import FlatParameters
 
+    with pytest.raises(ValueError, match="already FSDP2-wrapped"):
+        shard_model(model)
     dt = next(p for p in model.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="DTensors"):
         FlatParameters([dt, torch.nn.Parameter(torch.zeros(3, device=device))])
