@@ -42,7 +42,7 @@ import torch
 from ._io import atomic_open, temporary_prefix
 from ._model import named_trainable, unwrap_ddp
 from ._rng import check_rng, rng_state, set_rng_state
-from .distributed import is_dtensor
+from .distributed import all_reduce_sum, is_dtensor, local_tensor
 
 __all__ = [
     "save_checkpoint",
@@ -99,7 +99,8 @@ def _checksum(payload: dict) -> str:
 
 def _nonfinite_tensors(obj: Any, where: str, out: list[str]) -> None:
     if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+        t = local_tensor(obj)  # a DTensor: this rank's shard
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             out.append(where)
     elif isinstance(obj, dict):
         for k, v in obj.items():
@@ -205,14 +206,18 @@ def _save_sharded(path, model, optimizer, scheduler, state, extra, fingerprint, 
     (:mod:`antibody_fast.checkpoint_sharded`), then rank 0 writes the checkpoint file naming them."""
     import torch.distributed as dist
 
-    from .checkpoint_sharded import nonfinite_shards, remove_old_shards, save_shards
+    from .checkpoint_sharded import remove_old_shards, save_shards, shard_state
 
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"save_checkpoint: directory {directory!r} does not exist")
-    bad = [] if allow_nonfinite else nonfinite_shards(model, optimizer)
-    if not allow_nonfinite and state is not None:
-        _nonfinite_tensors(state.state_dict(), "state", bad)
+    bad: list[str] = []
+    if not allow_nonfinite:  # each rank checks its shards; every rank raises when any rank found one
+        _nonfinite_tensors(shard_state(model, optimizer), "shards", bad)
+        _nonfinite_tensors(state.state_dict() if state is not None else None, "state", bad)
+        found = torch.tensor([len(bad)], device=next(model.parameters()).device)  # NCCL: a device tensor
+        if int(all_reduce_sum(found)) and not bad:
+            bad.append("(another rank's shards)")
     if bad:
         raise NonFiniteCheckpointError(
             f"save_checkpoint: refusing to write {path!r}: non-finite values (NaN/inf) in {', '.join(bad[:5])}; the "
@@ -221,7 +226,6 @@ def _save_sharded(path, model, optimizer, scheduler, state, extra, fingerprint, 
     anchor = getattr(state, "anchor", None)  # Lisa's anchor is per-rank shards: it travels with them
     anchor = anchor if isinstance(anchor, list) else None
     descriptor = save_shards(path, model, optimizer, anchor)
-    descriptor["names"] = sorted(named_trainable(unwrap_ddp(model)))
     if dist.get_rank() == 0:
         payload: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,

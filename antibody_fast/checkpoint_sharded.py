@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SHARDS_SUFFIX", "load_shards", "nonfinite_shards", "remove_old_shards", "save_shards"]
+__all__ = ["SHARDS_SUFFIX", "load_shards", "remove_old_shards", "save_shards", "shard_state"]
 
 SHARDS_SUFFIX = ".shards-"
 
@@ -44,8 +44,8 @@ def _options(strict: bool = True):
     return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
-def _state(model, optimizer, anchor: list[torch.Tensor] | None = None) -> dict[str, Any]:
-    """The DCP state: trainable weights, optimizer state and, given ``anchor`` (one tensor per local shard, laid
+def shard_state(model, optimizer, anchor: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """The DCP state (DTensors): trainable weights, optimizer state and, given ``anchor`` (one tensor per local shard, laid
     out like ``FlatParameters.param_buffers``: Lisa's), the anchor as DTensors sharded like the parameters."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -70,31 +70,6 @@ def _anchor_dtensors(model, anchor: list[torch.Tensor]) -> dict[str, Any]:
     return {name: dtensor_like(a, p) for name, p, a in zip(flat.names, flat.parameters, anchor)}
 
 
-def _tensors(obj: Any, where: str = ""):
-    if isinstance(obj, torch.Tensor):
-        yield where, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{where}.{k}" if where else str(k))
-
-
-def nonfinite_shards(model, optimizer) -> list[str]:
-    """Names of the trainable weights / optimizer-state entries holding NaN/inf on *any* rank (each rank checks
-    its local shards; one all-reduce; the same list-or-empty on every rank, the names those of this rank)."""
-    dist = _dist()
-    bad = []
-    for name, t in _tensors(_state(model, optimizer)):
-        loc = t.to_local() if hasattr(t, "to_local") else t
-        if loc.is_floating_point() and loc.numel() and not bool(torch.isfinite(loc).all()):
-            bad.append(name)
-    device = next(model.parameters()).device  # NCCL reduces device tensors only
-    flag = torch.tensor([len(bad)], dtype=torch.int64, device=device)
-    dist.all_reduce(flag)
-    if int(flag) and not bad:
-        bad.append("(another rank's shards)")
-    return bad
-
-
 def _hash_files(directory: str) -> dict[str, str]:
     out = {}
     for f in sorted(os.listdir(directory)):
@@ -117,7 +92,7 @@ def save_shards(path: str, model, optimizer, anchor: list[torch.Tensor] | None =
     token = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(token, src=0)
     directory = f"{path}{SHARDS_SUFFIX}{token[0]}"
-    dcp.save(_state(model, optimizer, anchor), checkpoint_id=directory)
+    dcp.save(shard_state(model, optimizer, anchor), checkpoint_id=directory)
     dist.barrier()  # every rank's files are written
     files = [_hash_files(directory) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(files, src=0)
@@ -125,6 +100,7 @@ def save_shards(path: str, model, optimizer, anchor: list[torch.Tensor] | None =
         "dir": os.path.basename(directory),
         "world_size": dist.get_world_size(),
         "files": files[0],
+        "names": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "parts": ["model"]
         + (["optimizer"] if optimizer is not None else [])
         + (["anchor"] if anchor else []),
@@ -170,7 +146,9 @@ def load_shards(path: str, descriptor: Any, model, optimizer):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
-    target = _clone(_state(model, optimizer, anchor))  # loaded into copies: nothing changes unless all loads
+    target = _clone(
+        shard_state(model, optimizer, anchor)
+    )  # loaded into copies: nothing changes unless all loads
     if (
         optimizer is not None
         and "optimizer" in descriptor.get("parts", ())

@@ -123,6 +123,16 @@ def _collect(model_or_params) -> list[tuple[str, torch.nn.Parameter]]:
     return out
 
 
+def _by_dtype(
+    named: list[tuple[str, torch.nn.Parameter]],
+) -> dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]]:
+    """The ``(name, parameter)`` pairs grouped by dtype, in order of first appearance."""
+    out: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, p in named:
+        out.setdefault(p.dtype, []).append((name, p))
+    return out
+
+
 class FlatParameters:
     """Pack the trainable parameters of ``model_or_params`` into one flat buffer per dtype.
 
@@ -165,9 +175,7 @@ class FlatParameters:
         if self.sharded:
             self._init_sharded(named)
             return
-        by_dtype: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
-        for name, p in named:
-            by_dtype.setdefault(p.dtype, []).append((name, p))
+        by_dtype = _by_dtype(named)
         self.groups: list[FlatGroup] = []
         with torch.no_grad():
             for dtype, items in by_dtype.items():
@@ -203,9 +211,7 @@ class FlatParameters:
     def _init_sharded(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """FSDP2 layout (module docstring): one flat gradient buffer per dtype over the local shards, attached to
         each parameter as a DTensor ``.grad``; the parameters keep their own storage."""
-        by_dtype: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
-        for name, p in named:
-            by_dtype.setdefault(p.dtype, []).append((name, p))
+        by_dtype = _by_dtype(named)
         self.groups = []
         self._grad_list: list[torch.Tensor] = []
         with torch.no_grad():

@@ -32,7 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._model import cache_argument, is_fsdp_root, output_cache, parts, unwrap_ddp, unwrap_peft
+from ._model import (
+    cache_argument,
+    is_fsdp_root,
+    named_trainable,
+    output_cache,
+    parts,
+    unwrap_ddp,
+    unwrap_peft,
+)
 
 __all__ = [
     "fsdp_modules",
@@ -173,8 +181,7 @@ def root_hidden(
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{name: full tensor}`` of the trainable parameters, gathered from their shards (collective: every rank
     calls it, in the same order; every rank gets the full tensors). Plain parameters are returned detached."""
-    out = {}
-    for n, p in unwrap_ddp(model).named_parameters():
-        if p.requires_grad:
-            out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-    return out
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+        for n, p in named_trainable(unwrap_ddp(model)).items()
+    }

@@ -37,21 +37,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_steps import _config, _data, _model  # noqa: E402
 
+from antibody_fast.distributed import local_tensor  # noqa: E402
 from antibody_fast.fsdp import shard_model  # noqa: E402
 from antibody_fast.steps import AlignConfig, AlignState, FinetuneConfig, align_step, sft_step, weighted_step  # noqa: E402
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _state_bytes(model, opt) -> dict[str, int]:
     """Bytes this rank holds: every parameter (local shards under FSDP2), the trainable ones' gradients, and the
     optimizer state."""
-    params = sum(_local(p).numel() * p.element_size() for p in model.parameters())
-    grads = sum(_local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    params = sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
+    grads = sum(local_tensor(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = sum(
-        _local(v).numel() * v.element_size()
+        local_tensor(v).numel() * v.element_size()
         for st in opt.state.values()
         for v in st.values()
         if isinstance(v, torch.Tensor)

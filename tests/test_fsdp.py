@@ -196,6 +196,12 @@ def _reliability(rank, out_dir):
         assert torch.equal(a, b), f"rank {rank}: a parameter changed in a skipped step"
     for a, b in zip(state(), st_before):
         assert torch.equal(a, b), f"rank {rank}: the optimizer state changed in a skipped step"
+    # the poisoned moment is still there: a checkpoint is refused on every rank, before any file is written
+    from antibody_fast.checkpoint import NonFiniteCheckpointError
+
+    with pytest.raises(NonFiniteCheckpointError, match="exp_avg" if rank == 1 else "another rank"):
+        save_checkpoint(os.path.join(out_dir, "bad.pt"), model, opt)
+    assert not any(f.startswith("bad.pt") for f in os.listdir(out_dir))
     if rank == 1:
         opt.state[params[0]]["exp_avg"].to_local().zero_()
     weighted_step(model, ft, opt)
